@@ -1,0 +1,44 @@
+"""The ``moetool`` command line: a table of library calls (one module per command group)."""
+
+from __future__ import annotations
+
+import typer
+
+from moetool import __version__
+from moetool.cli import params, recipes
+
+app = typer.Typer(
+    name="moetool",
+    help="Turn dense LLaVA-style vision-language models into sparse Mixture-of-Experts models "
+    "(MoE-LLaVA), and train, evaluate and measure them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Only commands that work are registered; each issue adds its own.
+COMMANDS = {
+    "param-count": params.param_count,
+    "recipes": recipes.recipes,
+}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(_command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moetool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """moetool: MoE-LLaVA from recipe to evaluation."""
+
+
+def main() -> None:
+    app()

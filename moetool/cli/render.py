@@ -1,0 +1,51 @@
+"""Rich rendering helpers and the one way commands report errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one clear error to stderr and exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def print_json(data: Any) -> None:
+    # Plain stdout so the output pipes into jq untouched by Rich.
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def billions(n: int | float | None, digits: int = 3) -> str:
+    return "-" if n is None else f"{n / 1e9:.{digits}f}B"
+
+
+def millions(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.1f}M"
+
+
+def table(
+    title: str,
+    columns: list[str],
+    rows: list[list[str]],
+    caption: str = "",
+    justify: str = "right",
+) -> Table:
+    """A Rich table; the first column is the row label, the others are justified by ``justify``."""
+    t = Table(title=title, caption=caption or None, caption_justify="left")
+    for i, col in enumerate(columns):
+        if i == 0:
+            t.add_column(col, justify="left", no_wrap=True)
+        else:
+            t.add_column(col, justify=justify)
+    for row in rows:
+        t.add_row(*row)
+    return t

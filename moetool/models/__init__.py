@@ -1,0 +1,1 @@
+"""Model families, presets and (later) the sparse LVLM."""

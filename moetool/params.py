@@ -1,0 +1,386 @@
+"""Parameter counts: the paper's Eq. 12 on a recipe's dims, and exact counts of the real
+architecture instantiated on the meta device (no weights, no download).
+
+Counts cover the language model, as the paper's do; the vision tower and the projector are
+reported beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moetool import __version__
+from moetool.paper import TABLE8, Table8Row
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from moetool.recipe.schema import Recipe
+
+COMPONENTS = ("embeddings", "attention", "ffn", "experts", "routers", "norms", "lm_head", "other")
+
+
+@dataclass(frozen=True)
+class Eq12Dims:
+    """The quantities of Eq. 12 (Table 8's columns)."""
+
+    embedding: int  # vocabulary size
+    width: int
+    layers: int
+    ffn: int
+    ffn_factor: int
+    moe_layers: int = 0
+    experts: int = 1
+    top_k: int = 1
+
+
+def eq12(dims: Eq12Dims, experts: int) -> int:
+    """Eq. 12 of the paper (appendix A.1), exactly as printed, for ``experts`` experts."""
+    w = dims.width
+    ffn = w * dims.ffn * dims.ffn_factor
+    total = dims.embedding * w + dims.layers * (4 * w * w + ffn + 2 * w) + w + w * dims.embedding
+    if dims.moe_layers:
+        total += dims.moe_layers * (experts - 1) * (ffn + 2 * w)
+        total += dims.moe_layers * (w * experts)
+    return total
+
+
+def formula_counts(dims: Eq12Dims) -> tuple[int, int]:
+    """(total, activated): activated sets Experts = top-k, as appendix A.1 says."""
+    return eq12(dims, dims.experts), eq12(dims, dims.top_k if dims.moe_layers else dims.experts)
+
+
+def recipe_dims(recipe: Recipe) -> Eq12Dims:
+    model = recipe.model
+    moe = recipe.moe
+    return Eq12Dims(
+        embedding=model.vocab_size,
+        width=model.hidden_size,
+        layers=model.num_layers,
+        ffn=model.ffn_hidden_size,
+        ffn_factor=model.ffn_linears,
+        moe_layers=len(recipe.moe_layer_indices),
+        experts=moe.num_experts if moe else 1,
+        top_k=moe.top_k if moe else 1,
+    )
+
+
+@dataclass(frozen=True)
+class ExactCount:
+    """Exact counts by component, for the whole sparse model and for one token's active path."""
+
+    total: dict[str, int]
+    activated: dict[str, int]
+    vision: int | None
+    projector: int | None
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.total.values())
+
+    @property
+    def activated_params(self) -> int:
+        return sum(self.activated.values())
+
+
+def _decoder_layers(model: nn.Module):
+    """The decoder layers: the first ModuleList whose items have an ``mlp`` module."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and hasattr(module[0], "mlp"):
+            return module
+    raise ValueError(f"{type(model).__name__}: found no decoder layers with an `mlp` module")
+
+
+def _numel(module: nn.Module, seen: set[int]) -> int:
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def count_model(
+    model: nn.Module,
+    moe_layers: tuple[int, ...] = (),
+    num_experts: int = 1,
+    top_k: int = 1,
+) -> ExactCount:
+    """Count an instantiated (meta or real) model by component.
+
+    ``model`` is a LLaVA model or a causal LM. If its layers are dense, ``moe_layers`` says which
+    layers the sparse model turns into ``num_experts`` copies of the FFN plus a bias-free router
+    (hidden -> experts); activated counts keep ``top_k`` experts per MoE layer, routers included.
+    """
+    seen: set[int] = set()
+    hidden_size = model.config.get_text_config().hidden_size
+    inner = getattr(model, "model", model)
+    vision_tower = getattr(inner, "vision_tower", None)
+    projector = getattr(inner, "multi_modal_projector", None)
+    vision = _numel(vision_tower, seen) if vision_tower is not None else None
+    projector_count = _numel(projector, seen) if projector is not None else None
+
+    total = dict.fromkeys(COMPONENTS, 0)
+    activated = dict.fromkeys(COMPONENTS, 0)
+    layers = _decoder_layers(getattr(inner, "language_model", model))
+    for index, layer in enumerate(layers):
+        for child_name, child in layer.named_children():
+            count = _numel(child, seen)
+            if child_name == "mlp":
+                if index in moe_layers:
+                    total["experts"] += num_experts * count
+                    activated["experts"] += top_k * count
+                    total["routers"] += hidden_size * num_experts
+                    activated["routers"] += hidden_size * num_experts
+                    continue
+                component = "ffn"
+            elif "Norm" in type(child).__name__:
+                component = "norms"
+            elif "Attention" in type(child).__name__ or "attn" in child_name:
+                component = "attention"
+            else:
+                component = "other"
+            total[component] += count
+            activated[component] += count
+        own = sum(p.numel() for p in layer.parameters(recurse=False) if id(p) not in seen)
+        total["other"] += own
+        activated["other"] += own
+
+    output_embeddings = (
+        model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    )
+    from torch import nn
+
+    for module in model.modules():
+        direct = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        if not direct:
+            continue
+        if isinstance(module, nn.Embedding):
+            component = "embeddings"
+        elif module is output_embeddings:
+            component = "lm_head"
+        elif "Norm" in type(module).__name__:
+            component = "norms"
+        else:
+            component = "other"
+        count = sum(p.numel() for p in direct)
+        seen.update(id(p) for p in direct)
+        total[component] += count
+        activated[component] += count
+    return ExactCount(total, activated, vision, projector_count)
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    """One row of ``moetool param-count`` (shared/DESIGN.md contract 1)."""
+
+    name: str
+    paper_total_b: float | None
+    paper_activated_b: float | None
+    formula_total: int
+    formula_activated: int
+    exact_total: int
+    exact_activated: int
+    vision_params: int | None
+    projector_params: int | None
+    components: dict[str, int]
+    activated_components: dict[str, int]
+    moe_layers: list[int] = field(default_factory=list)
+    num_experts: int | None = None
+    top_k: int | None = None
+    recipe: str | None = None
+    paper_consistent: bool | None = None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOETOOL_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moetool"
+    return Path(root) / "param-count"
+
+
+def _exact_for_recipe(recipe: Recipe, use_cache: bool) -> ExactCount:
+    """Exact counts of the recipe's architecture, cached on disk by architecture and library
+    versions (importing torch and transformers dominates a cold count)."""
+    key_data = {
+        "model": asdict(recipe.model) | {"path": ""},
+        "vision": asdict(recipe.vision) | {"path": ""},
+        "projector": asdict(recipe.projector),
+        "moe_layers": list(recipe.moe_layer_indices),
+        "experts": recipe.moe.num_experts if recipe.moe else 1,
+        "top_k": recipe.moe.top_k if recipe.moe else 1,
+        "transformers": metadata.version("transformers"),
+        "moetool": __version__,
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:32]
+    cache_file = _cache_dir() / f"{key}.json"
+    if use_cache:
+        try:
+            cached = json.loads(cache_file.read_text())
+            return ExactCount(**cached)
+        except (OSError, ValueError, TypeError):
+            pass
+    from moetool.models.build import build_meta_lvlm, lvlm_config
+
+    model = build_meta_lvlm(lvlm_config(recipe))
+    count = count_model(model, *_moe_plan(recipe))
+    if use_cache:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(asdict(count)))
+            tmp.replace(cache_file)
+        except OSError:
+            pass  # a read-only home only costs speed
+    return count
+
+
+def _moe_plan(recipe: Recipe) -> tuple[tuple[int, ...], int, int]:
+    if recipe.moe is None:
+        return (), 1, 1
+    return recipe.moe_layer_indices, recipe.moe.num_experts, recipe.moe.top_k
+
+
+def count_recipe(
+    recipe: Recipe,
+    recipe_label: str | None = None,
+    paper_row: Table8Row | None = None,
+    use_cache: bool = True,
+) -> ParamReport:
+    """Eq. 12 and exact counts for a recipe; paper figures when it is a Table 8 row."""
+    if paper_row is None and recipe.paper.table8_row:
+        paper_row = next((r for r in TABLE8 if r.name == recipe.paper.table8_row), None)
+    formula_total, formula_activated = formula_counts(recipe_dims(recipe))
+    exact = _exact_for_recipe(recipe, use_cache)
+    layers, experts, top_k = _moe_plan(recipe)
+    return ParamReport(
+        name=paper_row.name if paper_row else recipe.name,
+        paper_total_b=paper_row.total_b if paper_row else None,
+        paper_activated_b=paper_row.activated_b if paper_row else None,
+        formula_total=formula_total,
+        formula_activated=formula_activated,
+        exact_total=exact.total_params,
+        exact_activated=exact.activated_params,
+        vision_params=exact.vision,
+        projector_params=exact.projector,
+        components=exact.total,
+        activated_components=exact.activated,
+        moe_layers=list(layers),
+        num_experts=experts if recipe.moe else None,
+        top_k=top_k if recipe.moe else None,
+        recipe=recipe_label,
+        paper_consistent=paper_row.consistent if paper_row else None,
+        note=paper_row.note if paper_row else "",
+    )
+
+
+def count_table(use_cache: bool = True) -> list[ParamReport]:
+    """All 12 rows of the paper's Table 8, each from its bundled recipe."""
+    from moetool.recipe.load import load_recipe
+    from moetool.recipe.paths import recipes_root
+
+    root = recipes_root()
+    return [
+        count_recipe(load_recipe(root / row.recipe), row.recipe, row, use_cache) for row in TABLE8
+    ]
+
+
+def count_config(
+    path: str | Path,
+    num_experts: int | None = None,
+    top_k: int = 2,
+    layers: str = "interval",
+) -> ParamReport:
+    """Counts for a local transformers ``config.json`` (a LLaVA config or a causal LM), with an
+    optional MoE plan; no weights are read."""
+    from moetool.recipe.schema import parse_layer_layout, resolve_moe_layers
+
+    config_file = Path(path)
+    if config_file.is_dir():
+        config_file = config_file / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{config_file}: no such config file") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config_file}: not a readable JSON config ({err})") from None
+    if num_experts is not None:
+        if num_experts < 2:
+            raise ValueError(f"--experts must be at least 2, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"--topk must be between 1 and --experts ({num_experts}), got {top_k}")
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    model_type = raw.get("model_type")
+    try:
+        config = AutoConfig.for_model(
+            model_type, **{k: v for k, v in raw.items() if k != "model_type"}
+        )
+    except (ValueError, KeyError) as err:
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not a transformers "
+            f"architecture this install knows ({err})"
+        ) from None
+    text = config.get_text_config()
+    with torch.device("meta"):
+        if model_type == "llava":
+            model = LlavaForConditionalGeneration(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    moe_layers: tuple[int, ...] = ()
+    if num_experts is not None:
+        try:
+            layout = parse_layer_layout(layers)
+        except ValueError as err:
+            raise ValueError(f"--layers: {err}") from None
+        moe_layers = resolve_moe_layers(layout, text.num_hidden_layers)
+        bad = [i for i in moe_layers if not 0 <= i < text.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"--layers: index {bad} out of range: the model has {text.num_hidden_layers} layers"
+            )
+    exact = count_model(model, moe_layers, num_experts or 1, top_k if num_experts else 1)
+    from torch import nn
+
+    mlp = _decoder_layers(getattr(getattr(model, "model", model), "language_model", model))[0].mlp
+    dims = Eq12Dims(
+        embedding=text.vocab_size,
+        width=text.hidden_size,
+        layers=text.num_hidden_layers,
+        ffn=text.intermediate_size,
+        ffn_factor=sum(isinstance(m, nn.Linear) for m in mlp.modules()),
+        moe_layers=len(moe_layers),
+        experts=num_experts or 1,
+        top_k=top_k if num_experts else 1,
+    )
+    formula_total, formula_activated = formula_counts(dims)
+    return ParamReport(
+        name=str(config_file),
+        paper_total_b=None,
+        paper_activated_b=None,
+        formula_total=formula_total,
+        formula_activated=formula_activated,
+        exact_total=exact.total_params,
+        exact_activated=exact.activated_params,
+        vision_params=exact.vision,
+        projector_params=exact.projector,
+        components=exact.total,
+        activated_components=exact.activated,
+        moe_layers=list(moe_layers),
+        num_experts=num_experts,
+        top_k=top_k if num_experts else None,
+    )

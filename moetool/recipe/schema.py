@@ -1,0 +1,396 @@
+"""The recipe schema: frozen dataclasses, one per TOML section.
+
+Each dataclass checks its own values in ``problems()``; checks that span sections live in
+``Recipe.problems()``. The loader (``load.py``) turns TOML into these classes and raises every
+problem at once as a ``RecipeError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moetool.models.families import get_family, known_families
+
+# A problem is (dotted key relative to the section, message).
+Problem = tuple[str, str]
+
+LayerLayout = Literal["interval", "first-half", "second-half", "all"] | tuple[int, ...]
+LAYER_LAYOUTS = ("interval", "first-half", "second-half", "all")
+
+TRAINABLE_PARTS = (
+    "vision",  # the vision tower
+    "projector",  # the 2-layer MLP projector
+    "llm",  # the whole language model (embeddings, attention, FFN/experts, routers, norms, head)
+    "embeddings",
+    "attention",
+    "ffn",  # the FFN of every layer: experts of MoE layers and the dense FFNs between them
+    "experts",  # experts of MoE layers only
+    "routers",
+    "norms",
+    "lm_head",
+)
+SPARSE_ONLY_PARTS = ("experts", "routers")
+STAGE_NAMES = ("pretrain", "instruct", "moe_tune")
+
+
+def parse_layer_layout(text: str) -> LayerLayout:
+    """``interval``, ``first-half``, ``second-half``, ``all`` or a list such as ``0,2,5``."""
+    text = text.strip()
+    if text in LAYER_LAYOUTS:
+        return text
+    try:
+        indices = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(
+            f"expected one of {', '.join(LAYER_LAYOUTS)} or a comma-separated list "
+            f"of layer indices, got {text!r}"
+        ) from None
+    if not indices:
+        raise ValueError("the layer list is empty")
+    return indices
+
+
+def resolve_moe_layers(layout: LayerLayout, num_layers: int) -> tuple[int, ...]:
+    """Indices of the decoder layers that become MoE layers (0-based)."""
+    if layout == "interval":
+        return tuple(range(num_layers)[::2])  # the official code's range(L)[::2]
+    if layout == "first-half":
+        return tuple(range(num_layers // 2))
+    if layout == "second-half":
+        return tuple(range(num_layers // 2, num_layers))
+    if layout == "all":
+        return tuple(range(num_layers))
+    return tuple(sorted(layout))
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The base language model: its transformers ``model_type`` and real config dims."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    ffn_hidden_size: int
+    ffn_linears: int  # Table 1 "FFN Factor": 3 for gated (SwiGLU) FFNs, 2 for fc1/fc2
+    num_heads: int
+    num_kv_heads: int
+    tie_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    path: str = ""  # local checkpoint directory used when running for real
+    extra: dict = field(default_factory=dict)  # further transformers config kwargs
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        for key in ("vocab_size", "hidden_size", "num_layers", "ffn_hidden_size", "num_heads"):
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be positive, got {getattr(self, key)}"))
+        if self.num_kv_heads <= 0 or (self.num_heads > 0 and self.num_heads % self.num_kv_heads):
+            out.append(
+                (
+                    "num_kv_heads",
+                    f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}",
+                )
+            )
+        family = get_family(self.model_type, missing_ok=True)
+        if family is None:
+            out.append(
+                (
+                    "model_type",
+                    f"unknown model_type {self.model_type!r}; known: {', '.join(known_families())}",
+                )
+            )
+            return out
+        if self.ffn_linears != family.ffn_linears:
+            out.append(
+                (
+                    "ffn_linears",
+                    f"{self.model_type} FFNs have {family.ffn_linears} linear layers, "
+                    f"got {self.ffn_linears}",
+                )
+            )
+        for key, fixed in (
+            ("attention_bias", family.attention_bias),
+            ("mlp_bias", family.mlp_bias),
+            ("tie_embeddings", family.tie_embeddings),
+        ):
+            if isinstance(fixed, bool) and getattr(self, key) != fixed:
+                out.append((key, f"{self.model_type} always has {key} = {str(fixed).lower()}"))
+        if (
+            self.num_heads > 0
+            and self.hidden_size % self.num_heads
+            and "head_dim" not in self.extra
+        ):
+            out.append(
+                (
+                    "num_heads",
+                    f"must divide hidden_size ({self.hidden_size}) unless extra.head_dim is set",
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class VisionSection:
+    """The vision tower (CLIP or SigLIP) in the LLaVA-1.5 layout."""
+
+    type: Literal["clip", "siglip"] = "clip"
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    intermediate_size: int = 4096
+    num_heads: int = 16
+    feature_layer: int = -2  # hidden state fed to the projector; CLS dropped for CLIP
+    path: str = ""
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        for key in (
+            "image_size",
+            "patch_size",
+            "hidden_size",
+            "num_layers",
+            "intermediate_size",
+            "num_heads",
+        ):
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be positive, got {getattr(self, key)}"))
+        if self.num_heads > 0 and self.hidden_size % self.num_heads:
+            out.append(("num_heads", f"must divide hidden_size ({self.hidden_size})"))
+        if not -self.num_layers <= self.feature_layer <= self.num_layers or self.feature_layer == 0:
+            out.append(
+                (
+                    "feature_layer",
+                    f"{self.feature_layer} is outside the tower's "
+                    f"{self.num_layers} layers (use -1 … -{self.num_layers} or 1 … "
+                    f"{self.num_layers})",
+                )
+            )
+        return out
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class ProjectorSection:
+    type: Literal["mlp2x_gelu"] = "mlp2x_gelu"  # LLaVA-1.5: Linear, GELU, Linear
+
+    def problems(self) -> list[Problem]:
+        return []
+
+
+@dataclass(frozen=True)
+class MoESection:
+    """The sparse architecture of stage III (paper Eq. 5-11, Table 5)."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    layers: LayerLayout = "interval"
+    capacity_factor: float = 0.0  # training; 0 = dropless
+    eval_capacity_factor: float = 0.0  # evaluation; 0 = dropless
+    min_capacity: int = 0
+    aux_loss_coef: float = 0.01  # alpha of Eq. 7
+    z_loss_coef: float = 0.0
+    normalize_top_k: bool = True  # renormalise top-k probabilities; false = raw Eq. 6 weights
+    router_init: Literal["normal", "zeros", "kaiming"] = "normal"
+    router_std: float = 0.02
+    drop_upcycling: float = 0.0  # Drop-Upcycling re-initialisation ratio; 0 = exact copies
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        if self.num_experts < 2:
+            out.append(
+                (
+                    "num_experts",
+                    f"must be at least 2, got {self.num_experts} "
+                    "(a dense model has no [moe] section)",
+                )
+            )
+        if self.top_k < 1:
+            out.append(("top_k", f"must be at least 1, got {self.top_k}"))
+        elif self.top_k > self.num_experts:
+            out.append(
+                ("top_k", f"{self.top_k} is greater than moe.num_experts ({self.num_experts})")
+            )
+        for key in (
+            "capacity_factor",
+            "eval_capacity_factor",
+            "aux_loss_coef",
+            "z_loss_coef",
+            "router_std",
+            "min_capacity",
+        ):
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                out.append((key, f"must be a finite number >= 0, got {value}"))
+        if not 0.0 <= self.drop_upcycling < 1.0:
+            out.append(("drop_upcycling", f"must be in [0, 1), got {self.drop_upcycling}"))
+        if isinstance(self.layers, tuple):
+            if not self.layers:
+                out.append(("layers", "the explicit layer list is empty"))
+            if len(set(self.layers)) != len(self.layers):
+                out.append(("layers", f"repeats a layer index: {list(self.layers)}"))
+            negative = [i for i in self.layers if i < 0]
+            if negative:
+                out.append(("layers", f"layer indices must be >= 0, got {negative}"))
+        return out
+
+
+@dataclass(frozen=True)
+class DataSection:
+    root: str = ""  # folder the stage data files are relative to
+    image_folder: str = ""
+    template: str = "plain"  # conversation template of the base (stage I uses "plain")
+    skip_bad_samples: bool = False  # false: stop at the first bad sample, naming it
+    num_workers: int = 2
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        if self.num_workers < 0:
+            out.append(("num_workers", f"must be >= 0, got {self.num_workers}"))
+        return out
+
+
+@dataclass(frozen=True)
+class StageSection:
+    """Training settings of one stage (Table 9)."""
+
+    trainable: tuple[str, ...]
+    data: tuple[str, ...]  # LLaVA-JSON files, mixed (relative to data.root)
+    lr: float
+    global_batch_size: int
+    per_device_batch_size: int
+    template: str = ""  # overrides data.template for this stage ("plain" in stage I)
+    image_aspect_ratio: Literal["pad", "resize"] = "pad"  # pad to square with the mean colour
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = 0  # 0 = run the full epochs
+    max_length: int = 2048
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = 1.0
+    save_steps: int = 0  # 0 = only at the end
+    seed: int = 42
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        unknown = [p for p in self.trainable if p not in TRAINABLE_PARTS]
+        if unknown:
+            out.append(
+                ("trainable", f"unknown part(s) {unknown}; known: {', '.join(TRAINABLE_PARTS)}")
+            )
+        if not self.trainable:
+            out.append(("trainable", "is empty: a stage must train something"))
+        if not self.data:
+            out.append(("data", "is empty: a stage needs at least one data file"))
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            out.append(("lr", f"must be > 0, got {self.lr}"))
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            out.append(("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
+        if self.weight_decay < 0:
+            out.append(("weight_decay", f"must be >= 0, got {self.weight_decay}"))
+        if self.epochs <= 0:
+            out.append(("epochs", f"must be > 0, got {self.epochs}"))
+        for key in ("max_steps", "save_steps"):
+            if getattr(self, key) < 0:
+                out.append((key, f"must be >= 0, got {getattr(self, key)}"))
+        for key in ("global_batch_size", "per_device_batch_size", "max_length"):
+            if getattr(self, key) <= 0:
+                out.append((key, f"must be positive, got {getattr(self, key)}"))
+        if (
+            self.global_batch_size > 0
+            and self.per_device_batch_size > 0
+            and self.global_batch_size % self.per_device_batch_size
+        ):
+            out.append(
+                (
+                    "global_batch_size",
+                    f"{self.global_batch_size} is not a multiple of "
+                    f"per_device_batch_size {self.per_device_batch_size}",
+                )
+            )
+        if self.offload_optimizer and self.zero_stage < 2:
+            out.append(("offload_optimizer", f"needs zero_stage 2 or 3, got {self.zero_stage}"))
+        if self.max_grad_norm < 0:
+            out.append(("max_grad_norm", f"must be >= 0, got {self.max_grad_norm}"))
+        return out
+
+
+@dataclass(frozen=True)
+class Stages:
+    pretrain: StageSection | None = None
+    instruct: StageSection | None = None
+    moe_tune: StageSection | None = None
+
+    def problems(self) -> list[Problem]:
+        return []
+
+    def present(self) -> dict[str, StageSection]:
+        return {name: s for name in STAGE_NAMES if (s := getattr(self, name)) is not None}
+
+
+@dataclass(frozen=True)
+class PaperRef:
+    """Where a recipe sits in the paper, for tables that compare against it."""
+
+    table8_row: str = ""  # the exact "Name" of its Table 8 row, if it has one
+    tables: tuple[str, ...] = ()  # e.g. ("Table 3", "Table 5d")
+    note: str = ""
+
+    def problems(self) -> list[Problem]:
+        return []
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelSection
+    vision: VisionSection = field(default_factory=VisionSection)
+    projector: ProjectorSection = field(default_factory=ProjectorSection)
+    moe: MoESection | None = None
+    data: DataSection = field(default_factory=DataSection)
+    stages: Stages = field(default_factory=Stages)
+    paper: PaperRef = field(default_factory=PaperRef)
+    description: str = ""
+
+    def problems(self) -> list[Problem]:
+        """Checks that span sections; keys are full dotted TOML keys."""
+        out: list[Problem] = []
+        if self.moe is not None and isinstance(self.moe.layers, tuple):
+            too_big = [i for i in self.moe.layers if i >= self.model.num_layers]
+            if too_big:
+                out.append(
+                    (
+                        "moe.layers",
+                        f"layer index {too_big} out of range: the model has "
+                        f"{self.model.num_layers} layers (0 … {self.model.num_layers - 1})",
+                    )
+                )
+        for name, stage in self.stages.present().items():
+            sparse_parts = [p for p in stage.trainable if p in SPARSE_ONLY_PARTS]
+            if sparse_parts and (name != "moe_tune" or self.moe is None):
+                why = (
+                    "the recipe has no [moe] section"
+                    if self.moe is None
+                    else ("only stage moe_tune trains a sparse model")
+                )
+                out.append(
+                    (f"stages.{name}.trainable", f"{sparse_parts} need a sparse model: {why}")
+                )
+        return out
+
+    @property
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        if self.moe is None:
+            return ()
+        return resolve_moe_layers(self.moe.layers, self.model.num_layers)

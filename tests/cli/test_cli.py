@@ -1,0 +1,145 @@
+"""The real console script, run in a subprocess."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moetool.cli.app import COMMANDS
+
+SCRIPT = shutil.which("moetool", path=str(Path(sys.executable).parent)) or shutil.which("moetool")
+TABLE8_KEYS = {
+    "name",
+    "paper_total_b",
+    "paper_activated_b",
+    "formula_total",
+    "formula_activated",
+    "exact_total",
+    "exact_activated",
+}
+
+
+def run(*args, check=True):
+    assert SCRIPT, "the moetool console script is not installed"
+    env = dict(os.environ, COLUMNS="120")
+    proc = subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_help_lists_exactly_the_working_commands():
+    out = run("--help").stdout
+    listed = set()
+    in_commands = False
+    for line in out.splitlines():
+        if "Commands" in line:
+            in_commands = True
+            continue
+        if in_commands and line.startswith("│ ") and line[2] != " ":
+            listed.add(line[2:].split()[0])
+    assert listed == set(COMMANDS)
+    for name in ("pretrain", "instruct", "upcycle", "moe-tune", "eval"):
+        if name not in COMMANDS:
+            assert run(name, check=False).returncode != 0
+
+
+def test_version():
+    from moetool import __version__
+
+    assert run("--version").stdout.strip() == f"moetool {__version__}"
+
+
+def test_param_count_table_json_contract():
+    rows = json.loads(run("param-count", "--table", "--json").stdout)
+    assert len(rows) == 12
+    for row in rows:
+        assert set(row) >= TABLE8_KEYS
+        assert isinstance(row["paper_total_b"], float)
+        assert isinstance(row["paper_activated_b"], float)
+        for key in ("formula_total", "formula_activated", "exact_total", "exact_activated"):
+            assert isinstance(row[key], int) and row[key] > 1e9
+        assert row["exact_activated"] <= row["exact_total"]
+    names = [r["name"] for r in rows]
+    assert names[0] == "StableLM-1.6B" and names[-1] == "MoE-LLaVA-7B×4-Top2†"
+
+
+def test_param_count_recipe_json_and_set():
+    row = json.loads(run("param-count", "qwen-1.8b/moe-4x-top2", "--json").stdout)
+    assert TABLE8_KEYS | {"vision_params", "projector_params"} <= set(row)
+    assert row["paper_total_b"] == 3.1
+    assert row["vision_params"] > 3e8 and row["projector_params"] > 6e6
+    ablation = json.loads(
+        run("param-count", "recipes/qwen-1.8b/ablation-top1.toml", "--json").stdout
+    )
+    assert ablation["paper_total_b"] is None and ablation["top_k"] == 1
+    assert ablation["exact_total"] == row["exact_total"]
+    assert ablation["exact_activated"] < row["exact_activated"]
+    eight = json.loads(
+        run("param-count", "qwen-1.8b/moe-4x-top2", "--set", "moe.num_experts=8", "--json").stdout
+    )
+    assert eight["exact_total"] > row["exact_total"]
+    assert eight["exact_activated"] == row["exact_activated"] + 12 * 2048 * 4
+
+
+def test_param_count_rich_table():
+    out = run("param-count", "tiny/llama").stdout
+    assert "Exact count by component" in out and "experts" in out and "vision tower" in out
+    out = run("param-count", "--table").stdout
+    assert "MoE-LLaVA-1.8B×4-Top2" in out and "‡" in out
+
+
+def test_param_count_config(tmp_path):
+    from moetool.models.build import lvlm_config
+    from moetool.recipe import load_recipe
+    from moetool.recipe.paths import recipes_root
+
+    lvlm_config(load_recipe(recipes_root() / "tiny/phi.toml")).save_pretrained(tmp_path)
+    row = json.loads(
+        run(
+            "param-count",
+            "--config",
+            str(tmp_path / "config.json"),
+            "--experts",
+            "4",
+            "--topk",
+            "1",
+            "--layers",
+            "0,3",
+            "--json",
+        ).stdout
+    )
+    assert row["moe_layers"] == [0, 3] and row["num_experts"] == 4 and row["top_k"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["param-count", "no/such-recipe"], "no such recipe file"),
+        (["param-count", "tiny/llama", "--set", "moe.top_k=7"], "moe.top_k"),
+        (["param-count", "tiny/llama", "--set", "moe.layers=[0, 12]"], "moe.layers"),
+        (["param-count"], "exactly one of"),
+        (["param-count", "tiny/llama", "--experts", "4"], "--experts"),
+        (["param-count", "--config", "/nonexistent/config.json"], "no such config"),
+        (["recipes", "tiny/llama", "--set", "stages.pretrain.lr=-1"], "stages.pretrain.lr"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(args, message):
+    proc = run(*args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_recipes_list_and_show():
+    rows = json.loads(run("recipes", "--json").stdout)
+    names = {r["recipe"] for r in rows}
+    assert {"qwen-1.8b/moe-4x-top2", "tiny/llama", "qwen-1.8b/strategy-a"} <= names
+    assert not any(n.startswith("_") or "/_" in n for n in names)
+    shown = json.loads(run("recipes", "phi2-2.7b/moe-4x-top2-384", "--json").stdout)
+    assert shown["vision"]["type"] == "siglip"
+    assert shown["moe_layer_indices"] == list(range(0, 32, 2))

@@ -1,0 +1,230 @@
+from pathlib import Path
+
+import pytest
+
+from moetool.recipe import RecipeError, load_recipe, parse_override, resolve_moe_layers
+from moetool.recipe.load import recipe_to_dict
+from moetool.recipe.paths import bundled_recipes, recipes_root, resolve_recipe
+from moetool.recipe.schema import parse_layer_layout
+
+ROOT = recipes_root()
+
+
+def test_bundled_recipes_are_the_source_tree_recipes():
+    assert Path(__file__).resolve().parents[2] / "recipes" == ROOT
+    assert len(bundled_recipes()) >= 30
+
+
+@pytest.mark.parametrize("name", bundled_recipes())
+def test_every_recipe_loads_and_validates(name):
+    recipe = load_recipe(ROOT / f"{name}.toml")
+    assert recipe.name
+    assert recipe.stages.present(), "a recipe trains at least one stage"
+    if recipe.moe is not None:
+        assert recipe.moe_layer_indices
+        assert max(recipe.moe_layer_indices) < recipe.model.num_layers
+
+
+def test_every_fragment_is_used():
+    import tomllib
+
+    def parents(path: Path) -> list[Path]:
+        extends = tomllib.loads(path.read_text()).get("extends", [])
+        extends = [extends] if isinstance(extends, str) else extends
+        return [(path.parent / e).resolve() for e in extends]
+
+    reached: set[Path] = set()
+    todo = [(ROOT / f"{name}.toml").resolve() for name in bundled_recipes()]
+    while todo:
+        path = todo.pop()
+        if path not in reached:
+            reached.add(path)
+            todo.extend(parents(path))
+    fragments = {
+        p.resolve()
+        for p in ROOT.rglob("*.toml")
+        if any(part.startswith("_") for part in p.relative_to(ROOT).parts)
+    }
+    assert fragments and fragments <= reached, fragments - reached
+
+
+def test_paper_hyperparameters_table9():
+    recipe = load_recipe(ROOT / "qwen-1.8b/moe-4x-top2.toml")
+    s1, s2, s3 = recipe.stages.pretrain, recipe.stages.instruct, recipe.stages.moe_tune
+    assert (s1.lr, s2.lr, s3.lr) == (1e-3, 2e-5, 2e-5)
+    assert (s1.global_batch_size, s2.global_batch_size, s3.global_batch_size) == (256, 128, 128)
+    assert (s1.zero_stage, s2.zero_stage, s3.zero_stage) == (2, 2, 2)
+    assert (s1.offload_optimizer, s2.offload_optimizer, s3.offload_optimizer) == (
+        False,
+        False,
+        True,
+    )
+    assert s1.trainable == ("projector",) and s1.template == "plain"
+    assert set(s2.trainable) == {"llm", "projector"}
+    assert set(s3.trainable) == {"ffn", "routers"}
+    for s in (s1, s2, s3):
+        assert s.lr_schedule == "cosine" and s.weight_decay == 0.0 and s.epochs == 1
+        assert s.max_length == 2048 and s.precision == "bf16" and s.gradient_checkpointing
+    assert recipe.vision.image_size == 336 and recipe.vision.feature_layer == -2
+    assert recipe.moe.num_experts == 4 and recipe.moe.top_k == 2
+    assert recipe.moe.aux_loss_coef == 0.01
+    assert recipe.moe_layer_indices == tuple(range(0, 24, 2))
+
+
+@pytest.mark.parametrize(
+    ("name", "experts", "top_k", "layers"),
+    [
+        ("qwen-1.8b/ablation-top1", 4, 1, tuple(range(0, 24, 2))),
+        ("qwen-1.8b/ablation-experts-2", 2, 1, tuple(range(0, 24, 2))),
+        ("qwen-1.8b/ablation-first-half", 4, 2, tuple(range(12))),
+        ("qwen-1.8b/ablation-second-half", 4, 2, tuple(range(12, 24))),
+        ("qwen-1.8b/ablation-all-layers", 4, 2, tuple(range(24))),
+        ("phi2-2.7b/moe-4x-top2-all", 4, 2, tuple(range(32))),
+    ],
+)
+def test_ablation_layouts(name, experts, top_k, layers):
+    recipe = load_recipe(resolve_recipe(name))
+    assert (recipe.moe.num_experts, recipe.moe.top_k) == (experts, top_k)
+    assert recipe.moe_layer_indices == layers
+
+
+def test_training_strategies_table6():
+    a = load_recipe(ROOT / "qwen-1.8b/strategy-a.toml")
+    assert a.moe is not None and list(a.stages.present()) == ["pretrain", "moe_tune"]
+    assert set(a.stages.moe_tune.trainable) == {"llm", "projector"}
+    c = load_recipe(ROOT / "qwen-1.8b/strategy-c.toml")
+    assert c.moe is None and list(c.stages.present()) == ["pretrain", "instruct"]
+    assert "llava_image_tune_.json" in c.stages.instruct.data
+    d = load_recipe(ROOT / "qwen-1.8b/strategy-d.toml")
+    assert d.moe is None and list(d.stages.present()) == ["pretrain", "instruct", "moe_tune"]
+    assert "llava_image_tune_.json" not in d.stages.instruct.data
+    tune_all = load_recipe(ROOT / "qwen-1.8b/ablation-tune-all.toml")
+    assert set(tune_all.stages.moe_tune.trainable) == {"llm", "projector"}
+
+
+def test_384_variants_use_siglip():
+    for name in ("stablelm-1.6b/moe-4x-top2-384", "phi2-2.7b/moe-4x-top2-384"):
+        recipe = load_recipe(resolve_recipe(name))
+        assert recipe.vision.type == "siglip" and recipe.vision.image_size == 384
+        assert recipe.vision.image_tokens == 729
+
+
+BAD = """
+name = "bad"
+[model]
+model_type = "llama"
+vocab_size = 100
+hidden_size = 64
+num_layers = 4
+ffn_hidden_size = 128
+ffn_linears = 3
+num_heads = 4
+num_kv_heads = 2
+hidden_dropout = 0.1
+[vision]
+image_size = "big"
+[moe]
+num_experts = 4
+top_k = 6
+layers = [0, 2, 7]
+[stages.instruct]
+trainable = ["llm"]
+data = ["a.json"]
+lr = -2e-5
+global_batch_size = 8
+per_device_batch_size = 2
+"""
+
+
+def test_bad_recipe_reports_every_problem_at_once(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    err = info.value
+    text = str(err)
+    assert str(path) in text
+    keys = [p.split(":")[0] for p in err.problems]
+    assert keys == [
+        "model.hidden_dropout",  # unknown key
+        "vision.image_size",  # wrong type
+        "moe.top_k",  # top-k > experts
+        "stages.instruct.lr",  # negative lr
+        "moe.layers",  # index out of range
+    ], err.problems
+    assert "greater than moe.num_experts (4)" in text
+    assert "[7]" in text and "4 layers" in text
+    assert "expected an integer, got 'big'" in text
+
+
+def test_set_overrides_are_validated_the_same_way(tmp_path):
+    base = ROOT / "tiny/llama.toml"
+    recipe = load_recipe(base, ["moe.num_experts=8", "moe.layers=[1, 3]", "data.template=chatml"])
+    assert recipe.moe.num_experts == 8
+    assert recipe.moe_layer_indices == (1, 3)
+    assert recipe.data.template == "chatml"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(base, ["moe.top_k=9", "stages.pretrain.lr=0", "moe.bogus=1", "nonsense"])
+    keys = [p.split(":")[0] for p in info.value.problems]
+    assert "--set 'nonsense'" in keys
+    assert {"moe.top_k", "stages.pretrain.lr", "moe.bogus"} <= set(keys)
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    assert parse_override("a.b=2e-5") == ("a.b", 2e-5)
+    assert parse_override("a.b=true") == ("a.b", True)
+    assert parse_override("a.b=[0, 2]") == ("a.b", [0, 2])
+    assert parse_override("a.b=interval") == ("a.b", "interval")
+    assert parse_override('a.b="x=y"') == ("a.b", "x=y")
+
+
+def test_extends_cycle_and_missing_parent(tmp_path):
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\nname = "a"\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text('extends = "missing.toml"\n')
+    with pytest.raises(RecipeError, match="extended by"):
+        load_recipe(tmp_path / "c.toml")
+    (tmp_path / "d.toml").write_text("name = [\n")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(tmp_path / "d.toml")
+
+
+def test_sparse_parts_need_moe_tune_and_moe(tmp_path):
+    text = (ROOT / "tiny/llama.toml").read_text()
+    path = tmp_path / "r.toml"
+    path.write_text(text.replace('extends = "_base.toml"', f'extends = "{ROOT}/tiny/_base.toml"'))
+    with pytest.raises(RecipeError, match=r"stages.instruct.trainable: \['routers'\]"):
+        load_recipe(path, ['stages.instruct.trainable=["llm", "routers"]'])
+
+
+def test_family_structure_is_checked(tmp_path):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(
+            ROOT / "tiny/phi.toml",
+            ["model.ffn_linears=3", "model.mlp_bias=false", "model.model_type=phy"],
+        )
+    assert "unknown model_type 'phy'" in str(info.value)
+    with pytest.raises(RecipeError, match="phi FFNs have 2 linear layers, got 3"):
+        load_recipe(ROOT / "tiny/phi.toml", ["model.ffn_linears=3"])
+
+
+def test_layer_layouts():
+    assert resolve_moe_layers("interval", 5) == (0, 2, 4)
+    assert resolve_moe_layers("first-half", 6) == (0, 1, 2)
+    assert resolve_moe_layers("second-half", 6) == (3, 4, 5)
+    assert resolve_moe_layers("all", 3) == (0, 1, 2)
+    assert resolve_moe_layers((5, 1), 6) == (1, 5)
+    assert parse_layer_layout("0, 2,5") == (0, 2, 5)
+    assert parse_layer_layout("all") == "all"
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_layer_layout("every-other")
+
+
+def test_recipe_round_trips_through_plain_data():
+    from moetool.recipe import recipe_from_dict
+
+    recipe = load_recipe(ROOT / "qwen-1.8b/moe-4x-top2.toml")
+    assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
