@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from moetool import __version__
-from moetool.cli import params, recipes
+from moetool.cli import params, recipes, upcycle
 
 app = typer.Typer(
     name="moetool",
@@ -20,6 +20,7 @@ app = typer.Typer(
 COMMANDS = {
     "param-count": params.param_count,
     "recipes": recipes.recipes,
+    "upcycle": upcycle.upcycle,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)

@@ -38,11 +38,18 @@ def vision_config(vision: VisionSection) -> PretrainedConfig:
     )
 
 
-def lvlm_config(recipe: Recipe) -> LlavaConfig:
-    """LLaVA-1.5 config: vision tower, 2-layer GELU projector, the base LLM."""
+def lvlm_config(recipe: Recipe, image_token_id: int | None = None) -> LlavaConfig:
+    """LLaVA-1.5 config: vision tower, 2-layer GELU projector, the base LLM.
+
+    ``image_token_id`` defaults to the offline tokenizer's ``<image>`` id."""
     from transformers import LlavaConfig
 
+    from moetool.models.tokenizer import SPECIAL_TOKENS
+
+    if image_token_id is None:
+        image_token_id = SPECIAL_TOKENS.index("<image>")
     return LlavaConfig(
+        image_token_index=image_token_id,
         vision_config=vision_config(recipe.vision),
         text_config=text_config(recipe.model),
         vision_feature_layer=recipe.vision.feature_layer,
@@ -60,3 +67,56 @@ def build_meta_lvlm(config: LlavaConfig):
 
     with torch.device("meta"):
         return LlavaForConditionalGeneration(config)
+
+
+def build_processor(recipe: Recipe, tokenizer):
+    """LLaVA processor: the tower's image processor at the recipe's resolution + tokenizer."""
+    from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessor
+
+    size = recipe.vision.image_size
+    if recipe.vision.type == "clip":
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    else:
+        image_processor = SiglipImageProcessor(size={"height": size, "width": size})
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=recipe.vision.patch_size,
+        vision_feature_select_strategy="default" if recipe.vision.type == "clip" else "full",
+        num_additional_image_tokens=1 if recipe.vision.type == "clip" else 0,
+    )
+
+
+def build_random_lvlm(recipe: Recipe, seed: int = 0, template: str | None = None):
+    """A randomly initialised LVLM of the recipe's architecture with the offline tokenizer.
+
+    For tests and the built-in tiny presets: no weights are read. Returns (model, processor).
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from moetool.models.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(recipe.model.vocab_size, template or recipe.data.template)
+    config = lvlm_config(recipe, tokenizer.convert_tokens_to_ids(tokenizer.image_token))
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), build_processor(recipe, tokenizer)
+
+
+def save_checkpoint(model, processor, out, overwrite: bool = False, metadata=None) -> None:
+    """``save_pretrained`` of model and processor into ``out``, atomically: written to a
+    temporary sibling and renamed when complete; an existing ``out`` needs ``overwrite``."""
+    from moetool.io import atomic_output_dir
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        if metadata is not None:
+            model.config.moetool = metadata
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)

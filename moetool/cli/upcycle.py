@@ -1,0 +1,107 @@
+"""``moetool upcycle``: dense LLaVA checkpoint -> sparse MoE checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moetool.cli.render import console, fail, print_json
+
+
+def upcycle(
+    src: Annotated[Path, typer.Argument(help="Dense LLaVA checkpoint directory.")],
+    out: Annotated[Path, typer.Argument(help="New sparse checkpoint directory.")],
+    experts: Annotated[int, typer.Option("--experts", help="Experts per MoE layer (>= 2).")] = 4,
+    topk: Annotated[int, typer.Option("--topk", help="Experts per token.")] = 2,
+    layers: Annotated[
+        str,
+        typer.Option("--layers", help="interval | first-half | second-half | all | 0,2,4…"),
+    ] = "interval",
+    router_init: Annotated[
+        str, typer.Option("--router-init", help="normal | zeros | kaiming")
+    ] = "normal",
+    router_std: Annotated[float, typer.Option("--router-std", help="Std of normal init.")] = 0.02,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of router / Drop-Upcycling init.")] = 0,
+    drop_upcycling: Annotated[
+        float,
+        typer.Option(
+            "--drop-upcycling",
+            help="Re-initialise this ratio of each expert's "
+            "intermediate neurons (Drop-Upcycling); 0 = exact copies.",
+        ),
+    ] = 0.0,
+    capacity_factor: Annotated[
+        float, typer.Option("--capacity-factor", help="Training capacity; 0 = dropless.")
+    ] = 0.0,
+    eval_capacity_factor: Annotated[
+        float, typer.Option("--eval-capacity-factor", help="Evaluation capacity; 0 = dropless.")
+    ] = 0.0,
+    aux_loss_coef: Annotated[float, typer.Option("--aux-loss-coef", help="Alpha of Eq. 7.")] = 0.01,
+    raw_weights: Annotated[
+        bool,
+        typer.Option(
+            "--raw-weights",
+            help="Combine with raw softmax weights (Eq. 6) instead of renormalised top-k weights.",
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUT.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+) -> None:
+    """Copy each chosen FFN into E experts and add a router (exact: logits unchanged)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from moetool.upcycle import UpcycleError, UpcycleOptions, upcycle_checkpoint
+
+    options = UpcycleOptions(
+        num_experts=experts,
+        top_k=topk,
+        layers=layers,
+        router_init=router_init,
+        router_std=router_std,
+        seed=seed,
+        drop_upcycling=drop_upcycling,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=eval_capacity_factor,
+        aux_loss_coef=aux_loss_coef,
+        normalize_top_k=not raw_weights,
+    )
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=as_json,
+    ) as bar:
+        task = bar.add_task("upcycling", total=None)
+        try:
+            plan = upcycle_checkpoint(
+                src,
+                out,
+                options,
+                overwrite=overwrite,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        except UpcycleError as err:
+            fail(str(err))
+    summary = {
+        "src": str(src),
+        "out": str(out),
+        "moe": plan.moe_config,
+        "mlp_structure": plan.structure.name,
+        "tensors": len(plan.tensors),
+        "bytes": sum(t.nbytes for t in plan.tensors),
+    }
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(
+            f"[green]upcycled[/] {src} -> {out}: {experts} experts, top-{topk}, MoE layers "
+            f"{list(plan.moe_layers)} ({plan.structure.name}), "
+            f"{summary['bytes'] / 1e9:.3f} GB"
+        )

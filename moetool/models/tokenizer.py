@@ -1,0 +1,109 @@
+"""An offline tokenizer: byte-level BPE trained at run time on the project's own text.
+
+No tokenizer can be downloaded here or in CI, so tiny models get one built deterministically
+from a fixed corpus (the words of the synthetic shapes world, chat-template words and common
+English). Real runs use the base model's own tokenizer from ``model.path``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+# Specials shared by every family; each template picks its BOS/EOS among them.
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<pad>",
+    "<image>",
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|end_of_turn|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+
+# End-of-sequence token of each conversation template (the official code's sep2).
+TEMPLATE_EOS = {
+    "plain": "<|endoftext|>",
+    "phi": "<|endoftext|>",
+    "stablelm": "<|endoftext|>",
+    "qwen": "<|endoftext|>",
+    "openchat": "<|end_of_turn|>",
+    "mistral": "</s>",
+    "llama3": "<|eot_id|>",
+    "chatml": "<|im_end|>",
+}
+
+_TEXT = """
+red green blue yellow orange purple pink brown black white gray grey cyan magenta
+circle square triangle star cross diamond heart hexagon ring rectangle shape shapes object objects
+left right top bottom middle center centre above below next to near far corner upper lower
+one two three four five six seven eight nine ten zero many few how what which where is are
+there a an the this that these those image picture photo in on of and or with without yes no
+color colour colours colors count number big small large tiny background foreground of the
+question answer describe caption short long word single phrase using please option options A B
+C D correct choose from following letter USER ASSISTANT SYSTEM user assistant system human gpt
+A chat between a curious human and an artificial intelligence assistant. The assistant gives
+helpful, detailed, and polite answers to the human's questions. GPT4 Correct User Assistant
+you your I me my it its we they he she them do does did can could would should will not
+first second third last both each every all none some any more most less least than then
+"""
+
+
+def _corpus() -> list[str]:
+    words = _TEXT.split()
+    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    lines += [f"{w} {w.capitalize()} {w.upper()}" for w in words]
+    lines += [
+        f"Is there a {c} {s} in the image? Yes. No." for c in words[:16] for s in words[16:28]
+    ]
+    lines += [f"{n} {n}0 {n}{n}" for n in range(10)]
+    return lines
+
+
+@functools.lru_cache(maxsize=8)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def build_tokenizer(vocab_size: int, template: str = "plain"):
+    """A ``PreTrainedTokenizerFast`` of at most ``vocab_size`` tokens with ``<image>`` and the
+    template's BOS/EOS; identical for identical arguments."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if template not in TEMPLATE_EOS:
+        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATE_EOS)}")
+    minimum = len(SPECIAL_TOKENS) + 256
+    if vocab_size < minimum:
+        raise ValueError(f"an offline tokenizer needs vocab_size >= {minimum}, got {vocab_size}")
+    backend = Tokenizer.from_str(_trained_tokenizer_json(min(vocab_size, 4096)))
+    eos = TEMPLATE_EOS[template]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos,
+        pad_token=PAD_TOKEN,
+        bos_token="<|begin_of_text|>"
+        if template == "llama3"
+        else ("<s>" if template in ("mistral", "openchat") else None),
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+    )
+    return tokenizer
