@@ -311,19 +311,19 @@ def _generator(seed: int, *parts: int):
 
 
 def init_router(plan: UpcyclePlan, layer: int):
-    """Router weight (E, hidden) in fp32: normal(0, std), zeros, or kaiming-uniform (nn.Linear's
-    default)."""
-    import torch
+    """Router weight (E, hidden) as a float32 numpy array: normal(0, std), zeros, or
+    kaiming-uniform (nn.Linear's default). numpy keeps streaming upcycles free of torch."""
+    import numpy as np
 
     o = plan.options
-    weight = torch.zeros(o.num_experts, plan.hidden_size, dtype=torch.float32)
-    g = _generator(o.seed, 1, layer)
+    rng = np.random.default_rng(zlib.crc32(repr((o.seed, 1, layer)).encode()))
+    shape = (o.num_experts, plan.hidden_size)
     if o.router_init == "normal":
-        weight.normal_(0.0, o.router_std, generator=g)
-    elif o.router_init == "kaiming":
+        return rng.normal(0.0, o.router_std, size=shape).astype(np.float32)
+    if o.router_init == "kaiming":
         bound = 1.0 / math.sqrt(plan.hidden_size)  # kaiming_uniform_(a=sqrt(5)) of nn.Linear
-        weight.uniform_(-bound, bound, generator=g)
-    return weight
+        return rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return np.zeros(shape, dtype=np.float32)
 
 
 def dropped_neurons(plan: UpcyclePlan, layer: int, expert: int, intermediate: int):
@@ -368,27 +368,12 @@ def upcycle_state_dict(dense: dict, plan: UpcyclePlan) -> dict:
         if spec.kind == "copy":
             out[spec.name] = dense[spec.source]
         elif spec.kind == "router":
-            out[spec.name] = init_router(plan, spec.layer)
+            import torch
+
+            out[spec.name] = torch.from_numpy(init_router(plan, spec.layer))
         else:
             out[spec.name] = make_expert_tensor(plan, spec, dense[spec.source])
     return out
-
-
-def _safetensors_dtype_of(tensor) -> str:
-    import torch
-
-    return {
-        torch.float32: "F32",
-        torch.float16: "F16",
-        torch.bfloat16: "BF16",
-        torch.float64: "F64",
-        torch.int64: "I64",
-        torch.int32: "I32",
-        torch.int16: "I16",
-        torch.int8: "I8",
-        torch.uint8: "U8",
-        torch.bool: "BOOL",
-    }[tensor.dtype]
 
 
 def _copy_range(src_fd: int, dst, begin: int, count: int) -> None:
@@ -456,7 +441,9 @@ def _shards(specs: Iterable[OutputTensor], max_bytes: int) -> list[list[OutputTe
 
 
 def _tensor_bytes(tensor) -> memoryview:
-    return memoryview(tensor.contiguous().view(-1).view(__import__("torch").uint8).numpy())
+    import torch
+
+    return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
 
 
 def load_source_config(src: Path) -> dict:
@@ -505,16 +492,15 @@ def upcycle_checkpoint(
     entries = read_checkpoint_index(src)
     plan = plan_upcycle(entries, text["num_hidden_layers"], text["hidden_size"], options)
 
-    import torch
-    from safetensors import safe_open
-
     total = sum(spec.nbytes for spec in plan.tensors)
     written = 0
     fds: dict[Path, int] = {}
     handles: dict[Path, object] = {}
-    dense_cache: dict[str, torch.Tensor] = {}  # one dense FFN tensor while its experts are made
+    dense_cache: dict = {}  # one dense FFN tensor while its experts are made (Drop-Upcycling)
 
-    def source_tensor(name: str) -> torch.Tensor:
+    def source_tensor(name: str):
+        from safetensors import safe_open  # torch is imported only for Drop-Upcycling
+
         if name not in dense_cache:
             dense_cache.clear()
             entry = entries[name]
@@ -535,7 +521,7 @@ def upcycle_checkpoint(
                 fds[entry.file] = os.open(entry.file, os.O_RDONLY)
             _copy_range(fds[entry.file], f, entry.begin, entry.nbytes)
         elif spec.kind == "router":
-            f.write(_tensor_bytes(init_router(plan, spec.layer)))
+            f.write(memoryview(init_router(plan, spec.layer)))
         else:
             tensor = make_expert_tensor(plan, spec, source_tensor(spec.source))
             f.write(_tensor_bytes(tensor))

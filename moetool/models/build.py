@@ -120,3 +120,58 @@ def save_checkpoint(model, processor, out, overwrite: bool = False, metadata=Non
             model.config.moetool = metadata
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+
+
+def build_lvlm_from_parts(recipe: Recipe, dtype=None):
+    """The stage-I starting point of a real run: the base LLM from ``model.path``, the vision
+    tower from ``vision.path`` (local transformers checkpoints, read with safetensors), and a
+    fresh projector. The tokenizer is the base's own, with ``<image>`` added if missing.
+
+    Returns (model, processor). Raises FileNotFoundError naming the recipe key of a missing path.
+    """
+    from pathlib import Path
+
+    import torch
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlavaForConditionalGeneration,
+    )
+
+    for key, value in (("model.path", recipe.model.path), ("vision.path", recipe.vision.path)):
+        if not value or not Path(value).is_dir():
+            raise FileNotFoundError(f"{key}: {value!r} is not a local checkpoint directory")
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    llm = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=dtype, use_safetensors=True)
+    vision_tower = _as_vision_model(
+        AutoModel.from_pretrained(recipe.vision.path, dtype=dtype, use_safetensors=True)
+    )
+    config = lvlm_config(recipe, image_token_id)
+    config.text_config = llm.config
+    config.vision_config = vision_tower.config
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    model.model.vision_tower = vision_tower
+    model.model.multi_modal_projector.to_empty(device="cpu")
+    model.model.multi_modal_projector.apply(model._init_weights)
+    if image_token_id >= llm.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+    if dtype is not None:
+        model.to(dtype)
+    return model, build_processor(recipe, tokenizer)
+
+
+def _as_vision_model(tower):
+    """The CLIP/SigLIP *VisionModel* of a vision-only or a dual-encoder checkpoint."""
+    if type(tower).__name__.endswith("VisionModel"):
+        return tower
+    vision = getattr(tower, "vision_model", None)
+    if vision is None or not type(vision).__name__.endswith("VisionModel"):
+        raise ValueError(f"vision.path: {type(tower).__name__} has no CLIP/SigLIP vision model")
+    return vision

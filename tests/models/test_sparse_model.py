@@ -1,0 +1,145 @@
+"""The sparse LVLM: exactness after upcycling across families, save/load, generate, losses."""
+
+import pytest
+import torch
+
+import moetool  # noqa: F401  (registers the sparse model with the Auto classes)
+from moetool.models.build import build_random_lvlm, save_checkpoint
+from moetool.recipe import load_recipe
+from moetool.recipe.paths import recipes_root
+from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
+
+FAMILIES = ["phi", "stablelm", "qwen2", "llama", "mistral", "qwen3", "gemma2"]
+
+
+def make_inputs(config, batch=2, seq=28, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(20, config.text_config.vocab_size, (batch, seq), generator=g)
+    image_tokens = config.image_seq_length
+    ids[:, 1 : 1 + image_tokens] = config.image_token_id
+    size = config.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in the second sample
+    return ids, pixels, mask
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense")
+    paths = {}
+    for family in FAMILIES:
+        model, processor = build_random_lvlm(
+            load_recipe(recipes_root() / f"tiny/{family}.toml"), seed=1
+        )
+        save_checkpoint(model, processor, root / family)
+        paths[family] = root / family
+    return paths
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_upcycled_model_is_exact_through_from_pretrained(family, dense_checkpoints, tmp_path):
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    src = dense_checkpoints[family]
+    upcycle_checkpoint(src, tmp_path / "sparse", UpcycleOptions(router_std=1.0))
+    dense = LlavaForConditionalGeneration.from_pretrained(src).eval()
+    sparse = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse").eval()
+    assert type(sparse).__name__ == "MoELlavaForConditionalGeneration"
+    assert sparse.moe_layer_indices() == [0, 2]
+    ids, pixels, mask = make_inputs(dense.config)
+    with torch.no_grad():
+        expected = dense(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        out = sparse(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    assert (out.logits - expected).abs().max().item() <= 1e-4
+    # The routers are far from uniform (std 1.0), so exactness is not an accident of routing.
+    assert out.aux_loss.item() > 2.0 * 1.0
+    kwargs = dict(
+        input_ids=ids,
+        pixel_values=pixels,
+        attention_mask=mask,
+        max_new_tokens=6,
+        do_sample=False,
+        use_cache=True,
+    )
+    assert torch.equal(dense.generate(**kwargs), sparse.generate(**kwargs))
+
+
+def test_raw_weights_option_changes_the_output(dense_checkpoints, tmp_path):
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    src = dense_checkpoints["llama"]
+    upcycle_checkpoint(src, tmp_path / "raw", UpcycleOptions(normalize_top_k=False, router_std=1.0))
+    dense = LlavaForConditionalGeneration.from_pretrained(src).eval()
+    sparse = AutoModelForImageTextToText.from_pretrained(tmp_path / "raw").eval()
+    ids, pixels, mask = make_inputs(dense.config)
+    with torch.no_grad():
+        diff = (
+            (
+                sparse(input_ids=ids, pixel_values=pixels).logits
+                - dense(input_ids=ids, pixel_values=pixels).logits
+            )
+            .abs()
+            .max()
+        )
+    assert diff > 1e-3  # raw Eq. 6 weights sum to < 1: not exact, as documented
+
+
+def test_loss_is_lm_plus_alpha_aux_and_save_load_round_trip(dense_checkpoints, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    upcycle_checkpoint(
+        dense_checkpoints["qwen2"],
+        tmp_path / "s",
+        UpcycleOptions(aux_loss_coef=0.5, router_std=1.0),
+    )
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").eval()
+    ids, pixels, mask = make_inputs(model.config)
+    labels = ids.clone()
+    labels[ids == model.config.image_token_id] = -100
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.aux_loss)
+    assert out.aux_loss.item() >= 2 * 1.0 - 1e-4  # >= 1 per layer, 2 layers
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "again").eval()
+    assert again.config.moe == model.config.moe
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again(input_ids=ids, pixel_values=pixels).logits,
+            model(input_ids=ids, pixel_values=pixels).logits,
+        )
+
+
+def test_routing_records_mark_image_tokens(dense_checkpoints, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    upcycle_checkpoint(dense_checkpoints["phi"], tmp_path / "s", UpcycleOptions())
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").eval()
+    model.set_routing_records(True)
+    ids, pixels, mask = make_inputs(model.config)
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    for block in model.moe_blocks():
+        rec = block.last_routing
+        assert rec.expert_index.shape == (ids.numel(), 2)
+        assert rec.image_mask.sum().item() == 2 * model.config.image_seq_length
+        assert rec.token_mask.sum().item() == mask.sum().item()
+        assert block.token_mask is None  # cleared after the forward
+
+
+def test_loading_needs_no_deepspeed(dense_checkpoints, tmp_path):
+    import subprocess
+    import sys
+
+    upcycle_checkpoint(dense_checkpoints["llama"], tmp_path / "s", UpcycleOptions())
+    code = (
+        "import sys, moetool, torch\n"
+        "from transformers import AutoModelForImageTextToText\n"
+        f"m = AutoModelForImageTextToText.from_pretrained({str(tmp_path / 's')!r})\n"
+        "print(type(m).__name__, 'deepspeed' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["MoELlavaForConditionalGeneration", "False"]
