@@ -1,9 +1,10 @@
 """Register the sparse LVLM with transformers' Auto classes.
 
 ``import moetool`` must stay cheap (the CLI imports it), while registration needs transformers'
-LLaVA code. So ``import moetool`` registers at once when transformers' auto and LLaVA modules
-are already imported, and otherwise right after the outermost of them finishes importing: these
-modules import each other, and registering while one of them is half-initialised would fail.
+LLaVA code. So ``import moetool`` registers at once when transformers' auto classes are already
+imported, and otherwise right after the outermost transformers import that brings them in
+finishes: transformers' modules import each other, and registering while any of them is
+half-initialised fails.
 """
 
 from __future__ import annotations
@@ -12,13 +13,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 
-# Modules registration needs, with an attribute that exists once each is fully executed.
-_NEEDED = {
-    "transformers.models.auto.configuration_auto": "CONFIG_MAPPING",
-    "transformers.models.auto.modeling_auto": "AutoModelForImageTextToText",
-    "transformers.models.llava.configuration_llava": "LlavaConfig",
-    "transformers.models.llava.modeling_llava": "LlavaForConditionalGeneration",
-}
+_CONFIG_AUTO = "transformers.models.auto.configuration_auto"
 _done = False
 _registering = False
 
@@ -53,41 +48,50 @@ def register() -> None:
         _registering = False
 
 
-def _half_initialised() -> bool:
+def _transformers_busy(finished: str | None) -> bool:
+    """True while a transformers module other than ``finished`` (whose body just ran) is
+    still executing, i.e. part of an import in progress."""
     return any(
-        name in sys.modules and not hasattr(sys.modules[name], attribute)
-        for name, attribute in _NEEDED.items()
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if (name == "transformers" or name.startswith("transformers.")) and name != finished
     )
 
 
-def _register_when_ready() -> None:
-    if not _done and not _registering and not _half_initialised():
-        register()
-        for finder in [f for f in sys.meta_path if isinstance(f, _RegisterAfterImport)]:
-            sys.meta_path.remove(finder)
+def _register_when_ready(finished: str | None = None) -> None:
+    if _done or _registering or _CONFIG_AUTO not in sys.modules or _transformers_busy(finished):
+        return
+    register()
+    for finder in [f for f in sys.meta_path if isinstance(f, _RegisterAfterImport)]:
+        sys.meta_path.remove(finder)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Wraps the loaders of the needed modules to try registering after each one executes."""
+    """Wraps the loader of every transformers module to try registering after it executes."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in _NEEDED or _done:
+        if _done or not (fullname == "transformers" or fullname.startswith("transformers.")):
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        spec = None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         original = spec.loader.exec_module
 
         def exec_module(module):
             original(module)
-            _register_when_ready()
+            _register_when_ready(fullname)
 
         spec.loader.exec_module = exec_module
         return spec
 
 
 def install() -> None:
-    if any(name in sys.modules for name in _NEEDED):
-        _register_when_ready()
+    _register_when_ready()
     if not _done and not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())

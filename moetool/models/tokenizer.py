@@ -27,17 +27,6 @@ SPECIAL_TOKENS = (
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 
-# End-of-sequence token of each conversation template (the official code's sep2).
-TEMPLATE_EOS = {
-    "plain": "<|endoftext|>",
-    "phi": "<|endoftext|>",
-    "stablelm": "<|endoftext|>",
-    "qwen": "<|endoftext|>",
-    "openchat": "<|end_of_turn|>",
-    "mistral": "</s>",
-    "llama3": "<|eot_id|>",
-    "chatml": "<|im_end|>",
-}
 
 _TEXT = """
 red green blue yellow orange purple pink brown black white gray grey cyan magenta
@@ -89,13 +78,14 @@ def build_tokenizer(vocab_size: int, template: str = "plain"):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    if template not in TEMPLATE_EOS:
-        raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATE_EOS)}")
+    from moetool.data.templates import get_template
+
+    template_eos = get_template(template).eos  # raises on an unknown name
     minimum = len(SPECIAL_TOKENS) + 256
     if vocab_size < minimum:
         raise ValueError(f"an offline tokenizer needs vocab_size >= {minimum}, got {vocab_size}")
     backend = Tokenizer.from_str(_trained_tokenizer_json(min(vocab_size, 4096)))
-    eos = TEMPLATE_EOS[template]
+    eos = template_eos if template_eos in SPECIAL_TOKENS else "<|endoftext|>"
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=eos,

@@ -34,7 +34,7 @@ def test_offline_tokenizer_is_deterministic_and_has_the_image_token():
         a.eos_token == "<|im_end|>"
         and build_tokenizer(512, "openchat").eos_token == "<|end_of_turn|>"
     )
-    with pytest.raises(ValueError, match="unknown template"):
+    with pytest.raises(ValueError, match="unknown conversation template"):
         build_tokenizer(512, "vicuna_v9")
 
 

@@ -27,6 +27,7 @@ ORDERS = {
         "    from transformers import LlavaConfig, LlavaForConditionalGeneration\n"
     ),
     "AutoConfig only": "import moetool\nfrom transformers import AutoConfig\n",
+    "image processor first": "import moetool\nfrom transformers import CLIPImageProcessor\n",
 }
 
 

@@ -1,0 +1,88 @@
+"""The LLaVA JSON format: ``id``, ``image`` (a path, a list of paths, or absent for text-only)
+and ``conversations`` (``from`` human/gpt, ``value`` with ``<image>`` placeholders), read from
+one or several files that are mixed into one dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from moetool.data.templates import IMAGE_PLACEHOLDER, TemplateError, _check_turns
+
+
+class DataError(ValueError):
+    """A bad data file or sample; the message names the file and the sample id."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    source: str  # the file it came from
+    images: tuple[Path, ...]
+    turns: tuple[tuple[str, str], ...]
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}, sample {self.id!r}"
+
+
+def _parse_sample(raw, index: int, file: Path, image_folder: Path) -> Sample:
+    where = f"{file}, sample #{index}"
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
+    sample_id = str(raw.get("id", f"#{index}"))
+    where = f"{file}, sample {sample_id!r}"
+    conversations = raw.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError(f"{where}: empty or missing 'conversations'")
+    turns = []
+    for j, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: turn {j} needs 'from' and a string 'value'")
+        turns.append((turn.get("from"), turn["value"]))
+    try:
+        _check_turns(turns)
+    except TemplateError as err:
+        raise DataError(f"{where}: {err}") from None
+    image = raw.get("image")
+    paths = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise DataError(f"{where}: 'image' must be a path or a list of paths")
+    placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    if placeholders != len(paths):
+        raise DataError(
+            f"{where}: {len(paths)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s)"
+        )
+    images = tuple(image_folder / p for p in paths)
+    for path in images:
+        if not path.is_file():
+            raise DataError(f"{where}: image {path} does not exist")
+    return Sample(sample_id, str(file), images, tuple(turns))
+
+
+def load_llava_json(
+    files: list[str | Path], image_folder: str | Path, skip_bad: bool = False
+) -> tuple[list[Sample], list[str]]:
+    """All samples of ``files`` in order, and the problems of the samples skipped (with
+    ``skip_bad``; otherwise the first bad sample raises ``DataError``)."""
+    samples: list[Sample] = []
+    skipped: list[str] = []
+    folder = Path(image_folder)
+    for file in map(Path, files):
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{file}: no such data file") from None
+        except (OSError, ValueError) as err:
+            raise DataError(f"{file}: not a readable JSON file ({err})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{file}: expected a JSON list of samples")
+        for index, raw in enumerate(data):
+            try:
+                samples.append(_parse_sample(raw, index, file, folder))
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                skipped.append(str(err))
+    return samples, skipped

@@ -1,0 +1,114 @@
+"""Samples -> model inputs: images padded or resized, conversations rendered with a template,
+``<image>`` expanded to the tower's token count, labels masked except assistant turns (Eq. 8),
+truncation, and batch collation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moetool.data.llava_json import DataError, Sample
+from moetool.data.templates import IMAGE_PLACEHOLDER, Template
+
+IGNORE_INDEX = -100
+
+
+def expand_to_square(image, fill: tuple[int, int, int]):
+    """Pad to a square with ``fill`` (LLaVA's ``image_aspect_ratio = pad``)."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+@dataclass
+class Preprocessor:
+    processor: object  # a LlavaProcessor (image processor + tokenizer)
+    template: Template
+    image_tokens: int  # tokens one image becomes
+    max_length: int
+    image_aspect_ratio: str = "pad"
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def load_image(self, sample: Sample, path):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except OSError as err:
+            raise DataError(f"{sample.where}: image {path} is unreadable ({err})") from None
+        if self.image_aspect_ratio == "pad":
+            mean = self.processor.image_processor.image_mean
+            image = expand_to_square(image, tuple(int(255 * m) for m in mean))
+        return image
+
+    def encode(self, sample: Sample) -> dict:
+        text, spans = self.template.render(list(sample.turns))
+        # Expand each placeholder into the tower's image tokens, moving the label spans along.
+        expansion = IMAGE_PLACEHOLDER * self.image_tokens
+        shift, pos = 0, 0
+        pieces = []
+        new_spans = list(spans)
+        while (found := text.find(IMAGE_PLACEHOLDER, pos)) != -1:
+            pieces.append(text[pos:found])
+            pieces.append(expansion)
+            extra = len(expansion) - len(IMAGE_PLACEHOLDER)
+            new_spans = [
+                (a + extra, b + extra) if a >= found + shift else (a, b) for a, b in new_spans
+            ]
+            shift += extra
+            pos = found + len(IMAGE_PLACEHOLDER)
+        pieces.append(text[pos:])
+        text = "".join(pieces)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, (start, end) in enumerate(enc["offset_mapping"]):
+            if end > start and any(start < b and end > a for a, b in new_spans):
+                labels[i] = ids[i]
+        image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        if len(ids) > self.max_length:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if ids.count(image_id) != self.image_tokens * len(sample.images):
+                raise DataError(
+                    f"{sample.where}: max_length {self.max_length} cuts into the image tokens"
+                )
+        if all(label == IGNORE_INDEX for label in labels):
+            raise DataError(
+                f"{sample.where}: every label is masked (template "
+                f"{self.template.name!r}, max_length {self.max_length}): nothing to "
+                "train on"
+            )
+        out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if sample.images:
+            images = [self.load_image(sample, p) for p in sample.images]
+            out["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")[
+                "pixel_values"
+            ]
+        return out
+
+
+def collate(batch: list[dict], pad_token_id: int) -> dict:
+    """Right-pad a batch; pixel values of every image in order (text-only samples add none)."""
+    length = max(len(x["input_ids"]) for x in batch)
+    ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for i, x in enumerate(batch):
+        n = len(x["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = x["input_ids"], x["labels"], 1
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pixels = [x["pixel_values"] for x in batch if "pixel_values" in x]
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels)
+    return out

@@ -1,0 +1,60 @@
+import jinja2
+import pytest
+
+from moetool.data.templates import TEMPLATES, TemplateError, get_template
+
+TURNS = [
+    ("human", "<image>\nWhat colour is the circle?"),
+    ("gpt", "Red."),
+    ("human", "And the square?"),
+    ("gpt", "Blue."),
+]
+
+
+def test_official_two_style_format():
+    text, spans = get_template("phi").render(TURNS)
+    assert text == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the human's questions. USER: <image>\n"
+        "What colour is the circle? ASSISTANT: Red.<|endoftext|>USER: And the square? "
+        "ASSISTANT: Blue.<|endoftext|>"
+    )
+    assert [text[a:b] for a, b in spans] == ["Red.<|endoftext|>", "Blue.<|endoftext|>"]
+    assert get_template("openchat").render(TURNS)[0].endswith("Blue.<|end_of_turn|>")
+    assert get_template("mistral").render(TURNS)[0].endswith("Blue.</s>")
+
+
+def test_plain_template_trains_on_the_caption_only():
+    text, spans = get_template("plain").render(
+        [("human", "<image>\nDescribe."), ("gpt", "a red circle")]
+    )
+    assert text == "<image>a red circle\n"
+    assert [text[a:b] for a, b in spans] == ["a red circle\n"]
+
+
+@pytest.mark.parametrize("name", [n for n in TEMPLATES if n != "plain"])
+def test_jinja_chat_template_matches_render(name):
+    template = get_template(name)
+    messages = [{"role": "user" if r == "human" else "assistant", "content": t} for r, t in TURNS]
+    rendered = jinja2.Environment().from_string(template.jinja()).render(messages=messages)
+    assert rendered == template.render(TURNS)[0]
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_prompt_is_the_text_before_the_answer(name):
+    template = get_template(name)
+    prompt = template.prompt("<image>\nWhat colour?")
+    full, spans = template.render([("human", "<image>\nWhat colour?"), ("gpt", "Red.")])
+    assert full.startswith(prompt) and len(prompt) == spans[0][0]
+
+
+def test_bad_conversations():
+    t = get_template("qwen")
+    with pytest.raises(TemplateError, match="empty"):
+        t.render([])
+    with pytest.raises(TemplateError, match="ends with a gpt turn"):
+        t.render([("human", "hi")])
+    with pytest.raises(TemplateError, match="turn 0 is from 'gpt'"):
+        t.render([("gpt", "hi"), ("human", "x")])
+    with pytest.raises(TemplateError, match="known: plain, phi"):
+        get_template("vicuna_v1")
