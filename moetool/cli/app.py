@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from moetool import __version__
-from moetool.cli import params, recipes, upcycle
+from moetool.cli import data, params, recipes, train, upcycle
 
 app = typer.Typer(
     name="moetool",
@@ -18,12 +18,18 @@ app = typer.Typer(
 
 # Only commands that work are registered; each issue adds its own.
 COMMANDS = {
+    "pretrain": train.pretrain,
+    "instruct": train.instruct,
+    "upcycle": upcycle.upcycle,
+    "moe-tune": train.moe_tune,
     "param-count": params.param_count,
     "recipes": recipes.recipes,
-    "upcycle": upcycle.upcycle,
 }
+GROUPS = {"data": data.app}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
+for _name, _group in GROUPS.items():
+    app.add_typer(_group, name=_name)
 
 
 def _version(value: bool) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 from typing import Any, NoReturn
 
 import typer
@@ -49,3 +52,22 @@ def table(
     for row in rows:
         t.add_row(*row)
     return t
+
+
+@contextlib.contextmanager
+def stdout_to_stderr(enabled: bool = True):
+    """Send everything written to stdout (libraries' logs and prints included, at the file
+    descriptor level) to stderr, so that ``--json`` output stays parseable."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

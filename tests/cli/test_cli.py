@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moetool.cli.app import COMMANDS
+from moetool.cli.app import COMMANDS, GROUPS
 
 SCRIPT = shutil.which("moetool", path=str(Path(sys.executable).parent)) or shutil.which("moetool")
 TABLE8_KEYS = {
@@ -42,7 +42,7 @@ def test_help_lists_exactly_the_working_commands():
             continue
         if in_commands and line.startswith("│ ") and line[2] != " ":
             listed.add(line[2:].split()[0])
-    assert listed == set(COMMANDS)
+    assert listed == set(COMMANDS) | set(GROUPS)
     for name in ("pretrain", "instruct", "upcycle", "moe-tune", "eval"):
         if name not in COMMANDS:
             assert run(name, check=False).returncode != 0
@@ -143,3 +143,25 @@ def test_recipes_list_and_show():
     shown = json.loads(run("recipes", "phi2-2.7b/moe-4x-top2-384", "--json").stdout)
     assert shown["vision"]["type"] == "siglip"
     assert shown["moe_layer_indices"] == list(range(0, 32, 2))
+
+
+def test_data_synth(tmp_path):
+    counts = json.loads(
+        run(
+            "data",
+            "synth",
+            str(tmp_path / "d"),
+            "--stage1",
+            "20",
+            "--stage2",
+            "20",
+            "--stage3",
+            "20",
+            "--eval-images",
+            "10",
+            "--json",
+        ).stdout
+    )
+    assert counts["stage1.json"] == 20 and (tmp_path / "d/eval/pope_random.json").exists()
+    again = run("data", "synth", str(tmp_path / "d"), check=False)
+    assert again.returncode == 2 and "--overwrite" in again.stderr

@@ -1,0 +1,137 @@
+"""``moetool pretrain | instruct | moe-tune``: the three stages of MoE-Tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moetool.cli.render import console, fail, print_json, stdout_to_stderr
+
+RecipeArg = Annotated[str, typer.Argument(help="Recipe file or bundled recipe name.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe key (repeatable).")
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Run directory; each stage writes DIR/<stage> and "
+        "DIR/<stage>-state. Default: runs/<recipe name>.",
+    ),
+]
+InitOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--init",
+        help="Checkpoint to start from (default: the previous stage's "
+        "output in the run directory).",
+    ),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Train the stage again.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary at the end.")]
+
+
+def _run(stage: str, recipe: str, overrides, out, init, resume, overwrite, as_json) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from moetool.data.llava_json import DataError
+    from moetool.data.templates import TemplateError
+    from moetool.recipe import RecipeError, load_recipe
+    from moetool.recipe.paths import resolve_recipe
+    from moetool.train.runner import TrainingError, run_stage
+
+    try:
+        path = resolve_recipe(recipe)
+        loaded = load_recipe(path, overrides)
+    except RecipeError as err:
+        fail(str(err))
+    run_dir = out or Path("runs") / path.stem
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        "{task.fields[info]}",
+        console=console,
+        disable=as_json,
+    ) as bar:
+        task = bar.add_task(stage, total=None, info="")
+
+        def on_step(m) -> None:
+            info = f"loss {m.loss:.4f}"
+            if m.aux_loss is not None:
+                info += f" aux/layer {m.aux_loss:.3f}"
+            info += f" lr {m.lr:.2e} {m.tokens_per_s:,.0f} tok/s"
+            bar.update(task, completed=m.step, total=m.total_steps, info=info)
+
+        try:
+            with stdout_to_stderr(as_json):
+                result = run_stage(
+                    loaded,
+                    stage,
+                    run_dir,
+                    init=init,
+                    resume=resume,
+                    overwrite=overwrite,
+                    on_step=on_step,
+                )
+        except (TrainingError, DataError, TemplateError, FileNotFoundError) as err:
+            fail(str(err))
+    summary = {
+        "stage": stage,
+        "checkpoint": str(result.checkpoint),
+        "steps": result.steps,
+        "loss_first": result.loss_first,
+        "loss_last": result.loss_last,
+        "metrics": str(result.metrics),
+    }
+    if as_json:
+        print_json(summary)
+    else:
+        console.print(
+            f"[green]{stage} done[/]: {result.steps} steps, loss {result.loss_first:.4f}"
+            f" -> {result.loss_last:.4f}; checkpoint {result.checkpoint} "
+            "(aux/layer = load-balancing loss per MoE layer, 1.0 = balanced)"
+        )
+
+
+def pretrain(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    out: OutOpt = None,
+    init: InitOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stage I: train the projector (image-caption data, plain template)."""
+    _run("pretrain", recipe, overrides, out, init, resume, overwrite, as_json)
+
+
+def instruct(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    out: OutOpt = None,
+    init: InitOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stage II: train the LLM and the projector on instruction data."""
+    _run("instruct", recipe, overrides, out, init, resume, overwrite, as_json)
+
+
+def moe_tune(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    out: OutOpt = None,
+    init: InitOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stage III: train the MoE layers (upcycling a dense --init on the fly from [moe])."""
+    _run("moe_tune", recipe, overrides, out, init, resume, overwrite, as_json)

@@ -1,0 +1,77 @@
+"""Which part of the LVLM each parameter belongs to (for stage policies)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+# Fine-grained parts; recipe names such as "llm" and "ffn" are unions of these.
+PART_UNIONS = {
+    "llm": (
+        "embeddings",
+        "attention",
+        "ffn",
+        "experts",
+        "routers",
+        "norms",
+        "lm_head",
+        "llm_other",
+    ),
+    "ffn": ("ffn", "experts"),  # every layer's FFN: dense FFNs and the experts of MoE layers
+}
+
+
+def parameter_parts(model: nn.Module) -> dict[str, str]:
+    """Map every parameter name of a LLaVA model (dense or sparse) to one part: vision,
+    projector, embeddings, attention, ffn (dense FFN), experts, routers, norms, lm_head or
+    llm_other."""
+    from moetool.models.moe import MoEBlock
+
+    inner = model.model
+    owner: dict[int, str] = {}
+
+    def claim(module: nn.Module, part: str) -> None:
+        for p in module.parameters():
+            owner.setdefault(id(p), part)
+
+    claim(inner.vision_tower, "vision")
+    claim(inner.multi_modal_projector, "projector")
+    for layer in inner.language_model.layers:
+        for name, child in layer.named_children():
+            if isinstance(child, MoEBlock):
+                claim(child.router, "routers")
+                claim(child.experts, "experts")
+            elif name == "mlp":
+                claim(child, "ffn")
+            elif "Norm" in type(child).__name__:
+                claim(child, "norms")
+            elif "Attention" in type(child).__name__ or "attn" in name:
+                claim(child, "attention")
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            claim(module, "embeddings")
+        elif "Norm" in type(module).__name__:
+            claim(module, "norms")
+    claim(model.lm_head, "lm_head")
+    claim(inner.language_model, "llm_other")
+    return {name: owner[id(p)] for name, p in model.named_parameters()}
+
+
+def expand_parts(parts: tuple[str, ...] | list[str]) -> set[str]:
+    out: set[str] = set()
+    for part in parts:
+        out.update(PART_UNIONS.get(part, (part,)))
+    return out
+
+
+def set_trainable(model: nn.Module, parts: tuple[str, ...] | list[str]) -> list[str]:
+    """Freeze everything but ``parts``; returns the names of the trainable parameters."""
+    wanted = expand_parts(parts)
+    trainable = []
+    for param in model.parameters():
+        param.requires_grad_(False)
+    named = dict(model.named_parameters())
+    for name, part in parameter_parts(model).items():
+        if part in wanted:
+            named[name].requires_grad_(True)
+            trainable.append(name)
+    return trainable

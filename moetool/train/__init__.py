@@ -1,0 +1,1 @@
+"""Training: stage policies and the DeepSpeed loop shared by the three stages."""

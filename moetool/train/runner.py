@@ -1,0 +1,374 @@
+"""One loop for the three stages of MoE-Tuning, on DeepSpeed ZeRO.
+
+Stage I (``pretrain``) trains the projector, stage II (``instruct``) the LLM and projector, stage
+III (``moe_tune``) the FFNs and routers of the sparse model; the recipe's ``trainable`` list
+decides. Loss = LM loss + alpha * aux loss (Eq. 7), computed by the sparse model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from moetool.recipe.schema import Recipe, StageSection
+
+STAGE_INPUTS = {"pretrain": (), "instruct": ("pretrain",), "moe_tune": ("instruct", "pretrain")}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    checkpoint: Path  # the final HF checkpoint
+    steps: int
+    loss_first: float
+    loss_last: float
+    metrics: Path
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    step: int
+    total_steps: int
+    loss: float
+    lm_loss: float
+    aux_loss: float | None  # per MoE layer mean (1.0 = balanced)
+    lr: float
+    tokens_per_s: float
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup to the peak, then cosine or linear decay to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _ensure_distributed_env() -> None:
+    """A single process without a launcher still runs as a one-rank world."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+
+
+def deepspeed_config(stage: StageSection, world_size: int) -> dict:
+    per_step = stage.per_device_batch_size * world_size
+    if stage.global_batch_size % per_step:
+        raise TrainingError(
+            f"global_batch_size {stage.global_batch_size} is not a multiple of per-device batch "
+            f"{stage.per_device_batch_size} x world size {world_size}"
+        )
+    zero: dict = {"stage": stage.zero_stage}
+    if stage.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_batch_size": stage.global_batch_size,
+        "train_micro_batch_size_per_gpu": stage.per_device_batch_size,
+        "gradient_accumulation_steps": stage.global_batch_size // per_step,
+        "gradient_clipping": stage.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": stage.precision == "bf16"},
+        "fp16": {"enabled": stage.precision == "fp16"},
+        "zero_force_ds_cpu_optimizer": False,  # our torch AdamW also runs on offloaded states
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def default_init(run_dir: Path, stage: str, recipe: Recipe) -> Path | None:
+    """The checkpoint a stage starts from: the previous stage's output in the same run."""
+    for previous in STAGE_INPUTS[stage]:
+        if getattr(recipe.stages, previous) is not None:
+            return run_dir / previous
+    return None
+
+
+def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: Path):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import moetool  # noqa: F401  (registers the sparse model)
+    from moetool.models.build import build_lvlm_from_parts, build_random_lvlm
+
+    if init is None:
+        if stage_name != "pretrain":
+            raise TrainingError(f"stage {stage_name} needs a checkpoint to start from (--init)")
+        if recipe.model.path:
+            return build_lvlm_from_parts(recipe)
+        return build_random_lvlm(recipe, seed=recipe.stages.pretrain.seed)
+    if not (init / "config.json").is_file():
+        raise TrainingError(f"--init {init}: not a checkpoint directory (no config.json)")
+    config = json.loads((init / "config.json").read_text())
+    sparse = config.get("model_type") == "moetool_llava"
+    if stage_name == "moe_tune" and recipe.moe is not None and not sparse:
+        # Upcycle on the fly from the recipe's [moe] section (exact copies of the FFNs).
+        from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
+
+        moe = recipe.moe
+        target = work / "upcycled"
+        upcycle_checkpoint(
+            init,
+            target,
+            UpcycleOptions(
+                num_experts=moe.num_experts,
+                top_k=moe.top_k,
+                layers=moe.layers,
+                router_init=moe.router_init,
+                router_std=moe.router_std,
+                seed=recipe.stages.moe_tune.seed,
+                drop_upcycling=moe.drop_upcycling,
+                capacity_factor=moe.capacity_factor,
+                eval_capacity_factor=moe.eval_capacity_factor,
+                min_capacity=moe.min_capacity,
+                aux_loss_coef=moe.aux_loss_coef,
+                z_loss_coef=moe.z_loss_coef,
+                normalize_top_k=moe.normalize_top_k,
+            ),
+            overwrite=True,
+        )
+        init = target
+    model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
+    return model, AutoProcessor.from_pretrained(init)
+
+
+def _batches(num_samples: int, micro_batch: int, rank: int, world: int, seed: int, epoch: int):
+    """This rank's micro-batches of one epoch, in a seeded order that resuming reproduces."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(num_samples, generator=g).tolist()
+    step = micro_batch * world
+    for start in range(0, num_samples - step + 1, step):
+        yield order[start + rank * micro_batch : start + (rank + 1) * micro_batch]
+
+
+def run_stage(
+    recipe: Recipe,
+    stage_name: str,
+    run_dir: str | Path,
+    init: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    recipe_dir: str | Path = ".",
+    on_step: Callable[[StepMetrics], None] | None = None,
+    stop_after: int | None = None,
+) -> StageResult:
+    """Train one stage of ``recipe``; writes ``run_dir/<stage>`` (HF checkpoint) and
+    ``run_dir/<stage>-state`` (DeepSpeed checkpoints, metrics.jsonl).
+
+    ``stop_after`` ends the process's work after that many optimizer steps without writing the
+    final checkpoint (a deliberate interruption, for resume tests)."""
+    stage: StageSection | None = getattr(recipe.stages, stage_name)
+    if stage is None:
+        raise TrainingError(f"the recipe has no [stages.{stage_name}] section")
+    run_dir = Path(run_dir)
+    out = run_dir / stage_name
+    state = run_dir / f"{stage_name}-state"
+    if out.exists() and not overwrite:
+        raise TrainingError(f"{out} already exists (pass --overwrite to train it again)")
+    if state.exists() and not resume and not overwrite:
+        raise TrainingError(
+            f"{state} holds an earlier run of this stage: pass --resume to "
+            "continue it or --overwrite to start again"
+        )
+    init = Path(init) if init is not None else default_init(run_dir, stage_name, recipe)
+
+    _ensure_distributed_env()
+    import deepspeed
+    import torch
+
+    from moetool.data.llava_json import load_llava_json
+    from moetool.data.preprocess import Preprocessor, collate
+    from moetool.data.templates import get_template
+    from moetool.models.parts import set_trainable
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
+        )
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(stage.seed)
+
+    data_root = Path(recipe_dir) / recipe.data.root
+    samples, skipped = load_llava_json(
+        [data_root / f for f in stage.data],
+        Path(recipe_dir) / recipe.data.image_folder,
+        recipe.data.skip_bad_samples,
+    )
+    if not samples:
+        raise TrainingError(f"stage {stage_name}: no training samples in {list(stage.data)}")
+    model, processor = _load_start_model(recipe, stage_name, init, state)
+    template = get_template(stage.template or recipe.data.template)
+    preprocessor = Preprocessor(
+        processor,
+        template,
+        model.config.image_seq_length,
+        stage.max_length,
+        stage.image_aspect_ratio,
+    )
+    trainable = set_trainable(model, stage.trainable)
+    if not trainable:
+        raise TrainingError(
+            f"stages.{stage_name}.trainable {list(stage.trainable)} selects no "
+            "parameter of this model"
+        )
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+    ds_config = deepspeed_config(stage, world)
+    micro_steps = ds_config["gradient_accumulation_steps"]
+    steps_per_epoch = len(samples) // stage.global_batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"stage {stage_name}: {len(samples)} samples make no full global "
+            f"batch of {stage.global_batch_size}"
+        )
+    total_steps = max(1, math.floor(steps_per_epoch * stage.epochs))
+    if stage.max_steps:
+        total_steps = min(total_steps, stage.max_steps)
+    warmup = math.ceil(stage.warmup_ratio * total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(stage.lr_schedule, warmup, total_steps)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    step = 0
+    metrics_path = state / "metrics.jsonl"
+    if resume and (state / "checkpoints" / "latest").exists():
+        _, client = engine.load_checkpoint(str(state / "checkpoints"))
+        step = int(client["step"])
+    elif rank == 0:
+        metrics_path.write_text("")
+    aux_layers = len(getattr(model, "moe_blocks", lambda: [])())
+    losses: list[float] = []
+    done_this_run = 0
+    engine.train()
+    while step < total_steps:
+        epoch, within = divmod(step, steps_per_epoch)
+        batches = _batches(
+            len(samples), stage.per_device_batch_size, rank, world, stage.seed, epoch
+        )
+        for _ in range(within * micro_steps):  # skip what a resumed run already trained on
+            next(batches)
+        started = time.perf_counter()
+        tokens = 0
+        sums = {"loss": 0.0, "lm": 0.0, "aux": 0.0}
+        for _ in range(micro_steps):
+            batch = collate(
+                [preprocessor.encode(samples[i]) for i in next(batches)],
+                processor.tokenizer.pad_token_id,
+            )
+            tokens += int(batch["attention_mask"].sum())
+            outputs = engine(**batch)
+            loss = outputs.loss
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"stage {stage_name}: non-finite loss ({loss.item()}) at step {step + 1}; "
+                    f"the last good checkpoint is in {state / 'checkpoints'}"
+                )
+            engine.backward(loss)
+            engine.step()
+            sums["loss"] += loss.item() / micro_steps
+            lm = getattr(outputs, "lm_loss", None)
+            sums["lm"] += (lm if lm is not None else loss).item() / micro_steps
+            aux = getattr(outputs, "aux_loss", None)
+            if aux is not None:
+                sums["aux"] += aux.item() / aux_layers / micro_steps
+        step += 1
+        done_this_run += 1
+        elapsed = time.perf_counter() - started
+        metrics = StepMetrics(
+            step,
+            total_steps,
+            sums["loss"],
+            sums["lm"],
+            sums["aux"] if aux_layers else None,
+            scheduler.get_last_lr()[0],
+            tokens * world / elapsed,
+        )
+        losses.append(metrics.loss)
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(metrics.__dict__) + "\n")
+        if on_step is not None and rank == 0:
+            on_step(metrics)
+        if stage.save_steps and step % stage.save_steps == 0 and step < total_steps:
+            engine.save_checkpoint(
+                str(state / "checkpoints"), tag=f"step-{step}", client_state={"step": step}
+            )
+        if stop_after is not None and done_this_run >= stop_after:
+            return StageResult(stage_name, out, step, *_first_last(metrics_path), metrics_path)
+
+    _save_final(engine, model, processor, recipe, stage_name, out, overwrite, rank)
+    return StageResult(stage_name, out, step, *_first_last(metrics_path), metrics_path)
+
+
+def _first_last(metrics_path: Path) -> tuple[float, float]:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return (rows[0]["loss"], rows[-1]["loss"]) if rows else (math.nan, math.nan)
+
+
+def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, rank):
+    import torch
+
+    from moetool import __version__
+    from moetool.io import atomic_output_dir
+    from moetool.recipe.load import recipe_to_dict
+
+    if engine.zero_optimization_stage() == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = {
+            k: v.detach().to(torch.float32) if v.is_floating_point() else v
+            for k, v in engine.module.state_dict().items()
+        }
+    if rank != 0:
+        return
+    model.config.use_cache = True
+    model.config.moetool = {
+        "version": __version__,
+        "stage": stage_name,
+        "recipe": recipe_to_dict(recipe),
+    }
+    from moetool.data.templates import get_template
+
+    processor.tokenizer.chat_template = get_template(recipe.data.template).jinja()
+    with atomic_output_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        processor.save_pretrained(tmp)

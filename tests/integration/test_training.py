@@ -1,0 +1,150 @@
+"""The three stages through the real CLI on DeepSpeed (CPU), with a tiny recipe."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration
+SCRIPT = str(Path(sys.executable).parent / "moetool")
+STEPS = [
+    "--set",
+    "stages.pretrain.max_steps=6",
+    "--set",
+    "stages.instruct.max_steps=6",
+    "--set",
+    "stages.moe_tune.max_steps=6",
+]
+
+
+def cli(*args, check=True):
+    env = dict(os.environ, COLUMNS="120")
+    proc = subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def weights(path: Path) -> dict:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def changed(before: dict, after: dict) -> set:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_three_stages_train_the_right_parameters(workdir):
+    from moetool.models.build import build_random_lvlm
+    from moetool.recipe import load_recipe
+
+    summaries = {}
+    for stage, command in (
+        ("pretrain", "pretrain"),
+        ("instruct", "instruct"),
+        ("moe_tune", "moe-tune"),
+    ):
+        out = cli(command, "recipe.toml", "--out", "run", *STEPS, "--json").stdout
+        summaries[stage] = json.loads(out)
+        assert summaries[stage]["loss_last"] < summaries[stage]["loss_first"], stage
+
+    recipe = load_recipe("recipe.toml")
+    initial, _ = build_random_lvlm(recipe, seed=recipe.stages.pretrain.seed)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        initial.save_pretrained(tmp)
+        w0 = weights(Path(tmp))
+    w1 = weights(workdir / "run/pretrain")
+    w2 = weights(workdir / "run/instruct")
+    up = weights(workdir / "run/moe_tune-state/upcycled")
+    w3 = weights(workdir / "run/moe_tune")
+
+    # Stage I: only the projector trains.
+    assert changed(w0, w1) == {k for k in w0 if k.startswith("multi_modal_projector")}
+    # Stage II: LLM and projector; the vision tower is frozen.
+    c2 = changed(w1, w2)
+    assert not any(k.startswith("vision_tower") for k in c2)
+    assert any("mlp" in k for k in c2) and any("self_attn" in k for k in c2)
+    assert any(k.startswith("multi_modal_projector") for k in c2)
+    # Stage III: every layer's FFN (experts and dense FFNs) and the routers; nothing else.
+    c3 = changed(up, w3)
+    assert c3 and all(".mlp." in k for k in c3)
+    assert any(".mlp.router." in k for k in c3) and any(".mlp.experts." in k for k in c3)
+    assert any(".layers.1.mlp.gate_proj" in k for k in c3)  # a dense layer between MoE layers
+    assert set(w3) == set(up)
+
+    rows = [
+        json.loads(x)
+        for x in (workdir / "run/moe_tune-state/metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 6 and all(0.99 < r["aux_loss"] < 4.0 for r in rows)
+    assert rows[0]["lr"] > rows[-1]["lr"]  # cosine decay
+    config = json.loads((workdir / "run/moe_tune/config.json").read_text())
+    assert config["model_type"] == "moetool_llava" and config["moetool"]["stage"] == "moe_tune"
+    tok = json.loads((workdir / "run/moe_tune/tokenizer_config.json").read_text())
+    assert (
+        "ASSISTANT" in tok.get("chat_template", "")
+        or (workdir / "run/moe_tune/chat_template.jinja").exists()
+    )
+
+
+def test_resume_reaches_the_same_parameters_and_curve(workdir):
+    common = ["--set", "stages.pretrain.max_steps=2"]
+    cli("pretrain", "recipe.toml", "--out", "run", *common)
+    args = [
+        "recipe.toml",
+        "--set",
+        "stages.instruct.max_steps=6",
+        "--set",
+        "stages.instruct.save_steps=2",
+    ]
+    cli("instruct", *args, "--out", "run", "--init", "run/pretrain")
+    full = weights(workdir / "run/instruct")
+    full_rows = (workdir / "run/instruct-state/metrics.jsonl").read_text().splitlines()
+
+    code = (
+        "from moetool.recipe import load_recipe\n"
+        "from moetool.train.runner import run_stage\n"
+        "r = load_recipe('recipe.toml', ['stages.instruct.max_steps=6', "
+        "'stages.instruct.save_steps=2'])\n"
+        "run_stage(r, 'instruct', 'run_b', init='run/pretrain', stop_after=3)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
+    assert not (workdir / "run_b/instruct").exists()  # interrupted after step 3
+    cli("instruct", *args, "--out", "run_b", "--init", "run/pretrain", "--resume")
+    resumed = weights(workdir / "run_b/instruct")
+    assert not changed(full, resumed)
+    rows = (workdir / "run_b/instruct-state/metrics.jsonl").read_text().splitlines()
+    # Steps 1-3 ran before the interruption, 3 was redone from the step-2 checkpoint.
+    losses = {json.loads(r)["step"]: json.loads(r)["loss"] for r in rows}
+    assert losses == {json.loads(r)["step"]: json.loads(r)["loss"] for r in full_rows}
+
+
+def test_bad_data_stops_with_file_and_sample(workdir):
+    data = json.loads((workdir / "data/stage1.json").read_text())
+    data[3]["image"] = "img/missing.png"
+    (workdir / "data/stage1.json").write_text(json.dumps(data))
+    proc = cli("pretrain", "recipe.toml", "--out", "run", check=False)
+    assert proc.returncode == 2
+    assert "stage1.json, sample 'c3'" in proc.stderr and "missing.png" in proc.stderr
+    assert not (workdir / "run/pretrain").exists()
+    ok = cli(
+        "pretrain",
+        "recipe.toml",
+        "--out",
+        "run2",
+        "--set",
+        "data.skip_bad_samples=true",
+        "--set",
+        "stages.pretrain.max_steps=1",
+        "--json",
+    )
+    assert json.loads(ok.stdout)["steps"] == 1
