@@ -91,6 +91,25 @@ class UpcycleOptions:
     z_loss_coef: float = 0.0
     normalize_top_k: bool = True
 
+    @classmethod
+    def from_moe_section(cls, moe, seed: int = 0) -> UpcycleOptions:
+        """Options equal to a recipe's ``[moe]`` section."""
+        return cls(
+            num_experts=moe.num_experts,
+            top_k=moe.top_k,
+            layers=moe.layers,
+            router_init=moe.router_init,
+            router_std=moe.router_std,
+            seed=seed,
+            drop_upcycling=moe.drop_upcycling,
+            capacity_factor=moe.capacity_factor,
+            eval_capacity_factor=moe.eval_capacity_factor,
+            min_capacity=moe.min_capacity,
+            aux_loss_coef=moe.aux_loss_coef,
+            z_loss_coef=moe.z_loss_coef,
+            normalize_top_k=moe.normalize_top_k,
+        )
+
     def problems(self) -> list[str]:
         out = []
         if self.num_experts < 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -80,6 +81,8 @@ def _run(stage: str, recipe: str, overrides, out, init, resume, overwrite, as_js
                 )
         except (TrainingError, DataError, TemplateError, FileNotFoundError) as err:
             fail(str(err))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under a launcher, rank 0 reports
     summary = {
         "stage": stage,
         "checkpoint": str(result.checkpoint),

@@ -134,28 +134,13 @@ def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: 
         # Upcycle on the fly from the recipe's [moe] section (exact copies of the FFNs).
         from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
 
-        moe = recipe.moe
         target = work / "upcycled"
-        upcycle_checkpoint(
-            init,
-            target,
-            UpcycleOptions(
-                num_experts=moe.num_experts,
-                top_k=moe.top_k,
-                layers=moe.layers,
-                router_init=moe.router_init,
-                router_std=moe.router_std,
-                seed=recipe.stages.moe_tune.seed,
-                drop_upcycling=moe.drop_upcycling,
-                capacity_factor=moe.capacity_factor,
-                eval_capacity_factor=moe.eval_capacity_factor,
-                min_capacity=moe.min_capacity,
-                aux_loss_coef=moe.aux_loss_coef,
-                z_loss_coef=moe.z_loss_coef,
-                normalize_top_k=moe.normalize_top_k,
-            ),
-            overwrite=True,
-        )
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:  # one process writes, the others wait for it
+            options = UpcycleOptions.from_moe_section(recipe.moe, recipe.stages.moe_tune.seed)
+            upcycle_checkpoint(init, target, options, overwrite=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         init = target
     model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
     return model, AutoProcessor.from_pretrained(init)
@@ -333,9 +318,10 @@ def run_stage(
                 str(state / "checkpoints"), tag=f"step-{step}", client_state={"step": step}
             )
         if stop_after is not None and done_this_run >= stop_after:
-            return StageResult(stage_name, out, step, *_first_last(metrics_path), metrics_path)
-
-    _save_final(engine, model, processor, recipe, stage_name, out, overwrite, rank)
+            break
+    else:
+        _save_final(engine, model, processor, recipe, stage_name, out, overwrite, rank)
+    torch.distributed.barrier()  # every rank returns after rank 0 has written its files
     return StageResult(stage_name, out, step, *_first_last(metrics_path), metrics_path)
 
 

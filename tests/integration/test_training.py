@@ -148,3 +148,50 @@ def test_bad_data_stops_with_file_and_sample(workdir):
         "--json",
     )
     assert json.loads(ok.stdout)["steps"] == 1
+
+
+def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = dict(os.environ, COLUMNS="120")
+
+    def launch(*args):
+        proc = subprocess.run(
+            [torchrun, "--nproc_per_node", "2", "-m", "moetool", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)  # only rank 0 reports
+
+    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=2")
+    two = launch(
+        "instruct",
+        "recipe.toml",
+        "--out",
+        "run",
+        "--set",
+        "stages.instruct.zero_stage=2",
+        "--set",
+        "stages.instruct.max_steps=3",
+        "--json",
+    )
+    three = launch(
+        "moe-tune",
+        "recipe.toml",
+        "--out",
+        "run",
+        "--set",
+        "stages.moe_tune.zero_stage=3",
+        "--set",
+        "stages.moe_tune.max_steps=3",
+        "--json",
+    )
+    assert two["steps"] == three["steps"] == 3
+    before = weights(workdir / "run/moe_tune-state/upcycled")
+    after = weights(workdir / "run/moe_tune")
+    assert set(before) == set(after)
+    assert all(before[k].shape == after[k].shape for k in before)  # ZeRO-3 state gathered
+    moved = changed(before, after)
+    assert moved and all(".mlp." in k for k in moved)
