@@ -80,15 +80,13 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
             num_tokens = kwargs["inputs_embeds"].shape[1]
         if attention_mask is not None and num_tokens is not None and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -num_tokens:].bool()
+        # The masks stay set until the next forward: gradient checkpointing re-runs the blocks'
+        # forward during backward and must see the same masks.
         for block in blocks:
             block.token_mask, block.image_mask = token_mask, image_mask
-        try:
-            out = super().forward(
-                input_ids, pixel_values, attention_mask, *args, labels=labels, **kwargs
-            )
-        finally:
-            for block in blocks:
-                block.token_mask = block.image_mask = None
+        out = super().forward(
+            input_ids, pixel_values, attention_mask, *args, labels=labels, **kwargs
+        )
         aux = sum(b.aux_loss for b in blocks) if blocks else None
         z = sum(b.z_loss for b in blocks) if blocks else None
         loss = out.loss

@@ -125,7 +125,8 @@ def test_routing_records_mark_image_tokens(dense_checkpoints, tmp_path):
         assert rec.expert_index.shape == (ids.numel(), 2)
         assert rec.image_mask.sum().item() == 2 * model.config.image_seq_length
         assert rec.token_mask.sum().item() == mask.sum().item()
-        assert block.token_mask is None  # cleared after the forward
+        # Kept until the next forward, for gradient-checkpointing recomputation.
+        assert torch.equal(block.token_mask, mask.bool())
 
 
 def test_loading_needs_no_deepspeed(dense_checkpoints, tmp_path):
@@ -143,3 +144,33 @@ def test_loading_needs_no_deepspeed(dense_checkpoints, tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == ["MoELlavaForConditionalGeneration", "False"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(dense_checkpoints, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    upcycle_checkpoint(
+        dense_checkpoints["llama"],
+        tmp_path / "s",
+        UpcycleOptions(router_std=1.0, capacity_factor=0.75),
+    )
+    ids, pixels, mask = make_inputs(
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "s").config
+    )
+    grads = []
+    for checkpointing in (False, True):
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        grads.append(
+            {
+                n: p.grad.clone()
+                for n, p in model.named_parameters()
+                if p.grad is not None and ".mlp." in n
+            }
+        )
+    assert grads[0].keys() == grads[1].keys() and any("router" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)

@@ -43,7 +43,8 @@ class MoEBlock(nn.Module):
     its top-k experts (Eq. 6). After each forward, ``aux_loss`` holds the layer's Switch
     load-balancing loss (Eq. 9-11) and ``z_loss`` the router z-loss; with ``record_routing`` set,
     ``last_routing`` holds a ``RoutingRecord``. The model sets ``token_mask`` and ``image_mask``
-    (flattened over batch and sequence) before a forward.
+    (batch x sequence) before each forward and leaves them until the next one, so that a
+    gradient-checkpointing recomputation sees the same masks.
     """
 
     def __init__(self, experts: list[nn.Module], hidden_size: int, options: MoEOptions):
