@@ -35,6 +35,14 @@ SPARSE_ONLY_PARTS = ("experts", "routers")
 STAGE_NAMES = ("pretrain", "instruct", "moe_tune")
 
 
+def _template_problems(name: str) -> list[Problem]:
+    from moetool.data.templates import TEMPLATES
+
+    if name in TEMPLATES:
+        return []
+    return [("template", f"unknown conversation template {name!r}; known: {', '.join(TEMPLATES)}")]
+
+
 def parse_layer_layout(text: str) -> LayerLayout:
     """``interval``, ``first-half``, ``second-half``, ``all`` or a list such as ``0,2,5``."""
     text = text.strip()
@@ -251,7 +259,7 @@ class DataSection:
     num_workers: int = 2
 
     def problems(self) -> list[Problem]:
-        out: list[Problem] = []
+        out: list[Problem] = _template_problems(self.template)
         if self.num_workers < 0:
             out.append(("num_workers", f"must be >= 0, got {self.num_workers}"))
         return out
@@ -283,7 +291,7 @@ class StageSection:
     seed: int = 42
 
     def problems(self) -> list[Problem]:
-        out: list[Problem] = []
+        out: list[Problem] = _template_problems(self.template) if self.template else []
         unknown = [p for p in self.trainable if p not in TRAINABLE_PARTS]
         if unknown:
             out.append(

@@ -181,12 +181,21 @@ def run_stage(
     state = run_dir / f"{stage_name}-state"
     if out.exists() and not overwrite:
         raise TrainingError(f"{out} already exists (pass --overwrite to train it again)")
-    if state.exists() and not resume and not overwrite:
+    trained_before = (state / "checkpoints").exists() or (
+        (state / "metrics.jsonl").exists() and (state / "metrics.jsonl").stat().st_size > 0
+    )
+    if trained_before and not resume and not overwrite:
         raise TrainingError(
             f"{state} holds an earlier run of this stage: pass --resume to "
             "continue it or --overwrite to start again"
         )
-    init = Path(init) if init is not None else default_init(run_dir, stage_name, recipe)
+    if init is not None:
+        init = Path(init)
+    elif (init := default_init(run_dir, stage_name, recipe)) is not None and not init.exists():
+        raise TrainingError(
+            f"{init} does not exist: run stage {init.name} of this recipe with "
+            f"--out {run_dir} first, or pass --init CHECKPOINT"
+        )
 
     _ensure_distributed_env()
     import deepspeed

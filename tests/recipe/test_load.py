@@ -228,3 +228,14 @@ def test_recipe_round_trips_through_plain_data():
 
     recipe = load_recipe(ROOT / "qwen-1.8b/moe-4x-top2.toml")
     assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+
+
+def test_unknown_templates_are_recipe_errors():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(
+            ROOT / "tiny/llama.toml",
+            ["data.template=vicuna_v1", "stages.pretrain.template=plainer"],
+        )
+    keys = [p.split(":")[0] for p in info.value.problems]
+    assert keys == ["data.template", "stages.pretrain.template"]
+    assert "known: plain, phi, stablelm, qwen, openchat, mistral, llama3, chatml" in str(info.value)
