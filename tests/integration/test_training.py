@@ -195,3 +195,28 @@ def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
     assert all(before[k].shape == after[k].shape for k in before)  # ZeRO-3 state gathered
     moved = changed(before, after)
     assert moved and all(".mlp." in k for k in moved)
+
+
+def test_non_finite_loss_stops_the_stage_keeping_the_last_good_checkpoint(workdir):
+    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
+    proc = cli(
+        "instruct",
+        "recipe.toml",
+        "--out",
+        "run",
+        "--set",
+        "stages.instruct.lr=1e30",
+        "--set",
+        "stages.instruct.warmup_ratio=0",
+        "--set",
+        "stages.instruct.max_steps=6",
+        "--set",
+        "stages.instruct.save_steps=1",
+        "--set",
+        "stages.instruct.max_grad_norm=0",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "non-finite loss" in proc.stderr and "instruct-state/checkpoints" in proc.stderr
+    assert not (workdir / "run/instruct").exists()
+    assert (workdir / "run/instruct-state/checkpoints/latest").exists()
