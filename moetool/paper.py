@@ -108,3 +108,72 @@ TABLE8: tuple[Table8Row, ...] = (
 )
 
 TABLE8_BY_NAME = {row.name: row for row in TABLE8}
+
+
+@dataclass(frozen=True)
+class BenchmarkFigures:
+    """A sparse model's figures in Tables 3 and 4 (percent; MME is a score)."""
+
+    name: str
+    recipe: str
+    table3: dict  # benchmark -> figure
+    pope: dict  # split -> {"accuracy", "f1", "yes_ratio"} (Table 4)
+
+
+def _pope(*values: float) -> dict:
+    splits = ("adversarial", "popular", "random")
+    return {
+        s: dict(zip(("accuracy", "f1", "yes_ratio"), values[3 * i : 3 * i + 3], strict=True))
+        for i, s in enumerate(splits)
+    }
+
+
+_TABLE3_KEYS = (
+    "vqav2",
+    "gqa",
+    "vizwiz",
+    "sqa_img",
+    "textvqa",
+    "pope",
+    "mme",
+    "mmbench",
+    "llava_wild",
+    "mmvet",
+)
+
+TABLE3_4: tuple[BenchmarkFigures, ...] = tuple(
+    BenchmarkFigures(name, recipe, dict(zip(_TABLE3_KEYS, t3, strict=True)), _pope(*t4))
+    for name, recipe, t3, t4 in (
+        (
+            "MoE-LLaVA-1.6B×4-Top2",
+            "stablelm-1.6b/moe-4x-top2",
+            (76.7, 60.3, 36.2, 62.6, 50.1, 85.7, 1318.2, 60.2, 86.8, 26.9),
+            (86.9, 85.7, 41.7, 85.3, 84.2, 43.5, 88.0, 87.1, 41.6),
+        ),
+        (
+            "MoE-LLaVA-1.8B×4-Top2",
+            "qwen-1.8b/moe-4x-top2",
+            (76.2, 61.5, 32.6, 63.1, 48.0, 87.0, 1291.6, 59.7, 88.7, 25.3),
+            (86.1, 85.4, 44.9, 88.6, 87.7, 42.5, 88.7, 88.0, 43.0),
+        ),
+        (
+            "MoE-LLaVA-2.7B×4-Top2",
+            "phi2-2.7b/moe-4x-top2",
+            (77.6, 61.4, 43.9, 68.5, 51.4, 86.3, 1423.0, 65.2, 94.1, 34.3),
+            (85.9, 84.9, 43.2, 87.5, 86.4, 41.8, 88.5, 87.7, 41.8),
+        ),
+        (
+            "MoE-LLaVA-1.6B×4-Top2†",
+            "stablelm-1.6b/moe-4x-top2-384",
+            (78.6, 61.5, 40.5, 63.9, 54.3, 85.9, 1335.7, 63.3, 90.3, 32.3),
+            (86.9, 85.6, 41.5, 85.7, 84.6, 43.0, 88.4, 87.5, 41.5),
+        ),
+        (
+            "MoE-LLaVA-2.7B×4-Top2†",
+            "phi2-2.7b/moe-4x-top2-384",
+            (79.9, 62.6, 43.7, 70.3, 57.0, 85.7, 1431.3, 68.0, 97.3, 35.9),
+            (85.5, 84.2, 41.9, 86.7, 84.4, 41.7, 87.9, 86.9, 40.6),
+        ),
+    )
+)
+TABLE3_4_BY_RECIPE = {f.recipe: f for f in TABLE3_4}
