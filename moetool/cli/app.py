@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from moetool import __version__
-from moetool.cli import data, params, recipes, train, upcycle
+from moetool.cli import data, evaluation, params, recipes, train, upcycle
 
 app = typer.Typer(
     name="moetool",
@@ -22,6 +22,7 @@ COMMANDS = {
     "instruct": train.instruct,
     "upcycle": upcycle.upcycle,
     "moe-tune": train.moe_tune,
+    "eval": evaluation.eval_command,
     "param-count": params.param_count,
     "recipes": recipes.recipes,
 }

@@ -30,8 +30,11 @@ def synth(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
 ) -> None:
-    """Generate the synthetic shapes world: LLaVA-JSON stage data and evaluation sets."""
+    """Generate the synthetic shapes world: LLaVA-JSON stage data, evaluation sets, and the same
+    sets in lmms-eval's schemas under OUT/lmms (task configs for `lmms-eval --tasks` in
+    OUT/lmms/tasks, and OUT/lmms/tasks-judged for MMBench/MM-Vet with a GPT judge)."""
     from moetool.data.synth import SynthConfig, generate
+    from moetool.eval.datasets import write_eval_datasets, write_task_yamls
 
     try:
         config = SynthConfig(
@@ -44,6 +47,11 @@ def synth(
             eval_images=eval_images,
         )
         counts = generate(out, config, overwrite=overwrite)
+        # The evaluation sets in lmms-eval's schemas, and task configs for its command line.
+        lmms = write_eval_datasets(out, out / "lmms")
+        counts.update({f"lmms/{name}": n for name, n in lmms.items()})
+        write_task_yamls(out / "lmms", out / "lmms" / "tasks")
+        write_task_yamls(out / "lmms", out / "lmms" / "tasks-judged", judge=True)
     except (ValueError, FileExistsError) as err:
         fail(str(err))
     if as_json:

@@ -1,0 +1,100 @@
+"""``moetool eval``: VQAv2, GQA, POPE, MMBench and MM-Vet through lmms-eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moetool.cli.render import console, fail, print_json, stdout_to_stderr, table
+
+POPE_SPLITS = {"pope_adv": "adversarial", "pope_pop": "popular", "pope_random": "random"}
+
+
+def eval_command(
+    task: Annotated[str, typer.Argument(help="pope | gqa | vqav2 | mmbench | mmvet")],
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint directory.")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Directory for results.json, results.csv and samples.jsonl."),
+    ],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Local datasets (save_to_disk directories named pope, pope_full, gqa, "
+            "vqav2, mmbench_en, mmvet); default: DATA/lmms of `moetool data synth DATA` in ./data",
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="First N samples per task.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Generation batch.")] = 1,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:0 …")] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results in OUT.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Evaluate a checkpoint with lmms-eval's own task definitions, offline on local data."""
+    from moetool.eval.runner import EvalError, run_eval
+    from moetool.paper import TABLE3_4
+
+    data = data or Path("data/lmms")
+    try:
+        with stdout_to_stderr():
+            report = run_eval(
+                task,
+                model,
+                data,
+                out,
+                limit=limit,
+                batch_size=batch_size,
+                device=device,
+                overwrite=overwrite,
+            )
+    except EvalError as err:
+        fail(str(err))
+    if as_json:
+        print_json(
+            {
+                "task": task,
+                "metrics": report.metrics,
+                "samples": report.samples,
+                "out": str(out),
+                "notes": report.notes,
+            }
+        )
+        return
+    paper = None
+    config = json.loads((model / "config.json").read_text())
+    name = (config.get("moetool") or {}).get("recipe", {}).get("name")
+    paper = next((row for row in TABLE3_4 if row.name == name), None)
+    rows = []
+    for lmms_task, metrics in report.metrics.items():
+        for metric, value in metrics.items():
+            reference = "-"
+            if paper is not None and lmms_task in POPE_SPLITS:
+                key = {
+                    "pope_accuracy": "accuracy",
+                    "pope_f1_score": "f1",
+                    "pope_yes_ratio": "yes_ratio",
+                }[metric]
+                reference = f"{paper.pope[POPE_SPLITS[lmms_task]][key]:.1f}"
+            elif paper is not None:
+                key = {"gqa": "gqa", "vqav2_val": "vqav2", "mmvet": "mmvet"}.get(
+                    lmms_task, "mmbench"
+                )
+                reference = f"{paper.table3[key]:.1f}"
+            scale = 1.0 if metric == "gpt_eval_score" else 100.0
+            rows.append([lmms_task, metric, f"{value * scale:.1f}", reference])
+    console.print(
+        table(
+            f"{task} on {model} ({report.samples} samples)",
+            ["Task", "Metric", "Ours (%)", f"Paper ({paper.name})" if paper else "Paper"],
+            rows,
+            caption="\n".join(report.notes),
+        )
+    )
+    console.print(
+        f"results: {out / 'results.json'}, {out / 'results.csv'}, per-sample log "
+        f"{out / 'samples.jsonl'}"
+    )

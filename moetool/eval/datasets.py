@@ -1,0 +1,225 @@
+"""Local evaluation data in the schemas of the hub datasets lmms-eval's tasks read, saved with
+``datasets.save_to_disk`` (one ``DatasetDict`` per directory, split names as the tasks expect)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Directory name under the data root -> the split names its DatasetDict must hold.
+TASK_DATA = {
+    "pope": ("pope", ("test",)),
+    "pope_adv": ("pope_full", ("adversarial",)),
+    "pope_pop": ("pope_full", ("popular",)),
+    "pope_random": ("pope_full", ("random",)),
+    "gqa": ("gqa", ("testdev",)),
+    "vqav2_val": ("vqav2", ("validation",)),
+    "mmbench_en_dev": ("mmbench_en", ("dev",)),
+    "mmbench_en_dev_static": ("mmbench_en", ("dev",)),
+    "mmvet": ("mmvet", ("test",)),
+}
+# Columns each task's lmms-eval hooks read.
+REQUIRED_COLUMNS = {
+    "pope": ("image", "question", "answer", "question_id"),
+    "gqa": ("image", "question", "answer", "imageId"),
+    "vqav2": ("image", "question", "question_id", "answers"),
+    "mmbench_en": ("image", "question", "hint", "A", "B", "C", "D", "answer", "category", "index"),
+    "mmvet": ("image", "question", "answer", "question_id", "capability"),
+}
+REQUIRED_COLUMNS["pope_full"] = REQUIRED_COLUMNS["pope"]
+
+
+def write_eval_datasets(synth_dir: str | Path, out: str | Path) -> dict[str, int]:
+    """Convert the synthetic world's ``eval/*.json`` into lmms-eval's schemas under ``out``
+    (``pope``, ``pope_full``, ``gqa``, ``vqav2``, ``mmbench_en``, ``mmvet``)."""
+    from datasets import Dataset, DatasetDict, Features, Value, disable_progress_bars
+    from datasets import Image as ImageFeature
+
+    disable_progress_bars()
+
+    synth_dir, out = Path(synth_dir), Path(out)
+
+    def load(name: str) -> list[dict]:
+        return json.loads((synth_dir / "eval" / f"{name}.json").read_text())
+
+    def image(path: str) -> str:
+        return str(synth_dir / path)
+
+    text = Value("string")
+    pope_features = Features(
+        {
+            "id": text,
+            "question_id": text,
+            "question": text,
+            "answer": text,
+            "image_source": text,
+            "image": ImageFeature(),
+            "category": text,
+        }
+    )
+
+    def pope_rows(records):
+        return {
+            "id": [str(r["question_id"]) for r in records],
+            "question_id": [str(r["question_id"]) for r in records],
+            "question": [r["question"] for r in records],
+            "answer": [r["answer"] for r in records],
+            "image_source": [Path(r["image"]).stem for r in records],
+            "image": [image(r["image"]) for r in records],
+            "category": [r["category"] for r in records],
+        }
+
+    splits = {c: load(f"pope_{c}") for c in ("adversarial", "popular", "random")}
+    counts = {}
+    DatasetDict(
+        {
+            c: Dataset.from_dict(pope_rows(rows), features=pope_features)
+            for c, rows in splits.items()
+        }
+    ).save_to_disk(out / "pope_full")
+    # The plain `pope` task reads one test split: the three samplings together, as the hub's.
+    every = [r for rows in splits.values() for r in rows]
+    DatasetDict({"test": Dataset.from_dict(pope_rows(every), features=pope_features)}).save_to_disk(
+        out / "pope"
+    )
+    counts["pope"] = len(every)
+
+    gqa = load("gqa")
+    DatasetDict(
+        {
+            "testdev": Dataset.from_dict(
+                {
+                    "id": [str(r["question_id"]) for r in gqa],
+                    "imageId": [Path(r["image"]).stem for r in gqa],
+                    "question": [r["question"] for r in gqa],
+                    "answer": [r["answer"] for r in gqa],
+                    "fullAnswer": [r["answer"] for r in gqa],
+                    "image": [image(r["image"]) for r in gqa],
+                },
+                features=Features(
+                    {
+                        "id": text,
+                        "imageId": text,
+                        "question": text,
+                        "answer": text,
+                        "fullAnswer": text,
+                        "image": ImageFeature(),
+                    }
+                ),
+            )
+        }
+    ).save_to_disk(out / "gqa")
+    counts["gqa"] = len(gqa)
+
+    vqa = load("vqav2")
+    answer_features = {"answer": text, "answer_confidence": text, "answer_id": Value("int64")}
+    DatasetDict(
+        {
+            "validation": Dataset.from_dict(
+                {
+                    "question_id": [int(r["question_id"]) for r in vqa],
+                    "question": [r["question"] for r in vqa],
+                    "image_id": [i for i, _ in enumerate(vqa)],
+                    "question_type": [r["question_type"] for r in vqa],
+                    "answer_type": [r["answer_type"] for r in vqa],
+                    "multiple_choice_answer": [r["answers"][0] for r in vqa],
+                    "answers": [
+                        [
+                            {"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                            for j, a in enumerate(r["answers"])
+                        ]
+                        for r in vqa
+                    ],
+                    "image": [image(r["image"]) for r in vqa],
+                },
+                features=Features(
+                    {
+                        "question_id": Value("int64"),
+                        "question": text,
+                        "image_id": Value("int64"),
+                        "question_type": text,
+                        "answer_type": text,
+                        "multiple_choice_answer": text,
+                        "answers": [answer_features],
+                        "image": ImageFeature(),
+                    }
+                ),
+            )
+        }
+    ).save_to_disk(out / "vqav2")
+    counts["vqav2"] = len(vqa)
+
+    mmb = load("mmbench")
+    columns = ("question", "A", "B", "C", "D", "answer", "category")
+    data = {c: [r[c] for r in mmb] for c in columns}
+    data.update(
+        index=[int(r["index"]) for r in mmb],
+        hint=["nan"] * len(mmb),
+        image=[image(r["image"]) for r in mmb],
+        source=["moetool-synth"] * len(mmb),
+        **{"L2-category": [r["category"] for r in mmb]},
+        comment=["nan"] * len(mmb),
+        split=["dev"] * len(mmb),
+    )
+    features = {c: text for c in data}
+    features.update(index=Value("int64"), image=ImageFeature())
+    DatasetDict({"dev": Dataset.from_dict(data, features=Features(features))}).save_to_disk(
+        out / "mmbench_en"
+    )
+    counts["mmbench_en"] = len(mmb)
+
+    # MM-Vet style: open questions with short reference answers (from the GQA-style set).
+    DatasetDict(
+        {
+            "test": Dataset.from_dict(
+                {
+                    "question_id": [f"v{r['question_id']}" for r in gqa],
+                    "image": [image(r["image"]) for r in gqa],
+                    "question": [r["question"] for r in gqa],
+                    "answer": [r["answer"] for r in gqa],
+                    "image_source": [Path(r["image"]).stem for r in gqa],
+                    "capability": ["rec"] * len(gqa),
+                },
+                features=Features(
+                    {
+                        "question_id": text,
+                        "image": ImageFeature(),
+                        "question": text,
+                        "answer": text,
+                        "image_source": text,
+                        "capability": text,
+                    }
+                ),
+            )
+        }
+    ).save_to_disk(out / "mmvet")
+    counts["mmvet"] = len(gqa)
+    return counts
+
+
+def write_task_yamls(data: str | Path, out: str | Path, judge: bool = False) -> list[Path]:
+    """Task configs for the ``lmms-eval`` command line (``--tasks DIR``): each names a built-in
+    task and replaces only its data source with the local directory. Without ``judge``, MMBench
+    is the rule-scored ``mmbench_en_dev_static`` and MM-Vet keeps predictions unscored (run it
+    with ``API_TYPE=dummy`` so that lmms-eval imports the task without credentials)."""
+    data, out = Path(data).resolve(), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = {"pope", "mmbench_en_dev" if not judge else "mmbench_en_dev_static"}
+    written = []
+    for task, (folder, _) in TASK_DATA.items():
+        if task in skip:
+            continue
+        lines = [
+            f"task: {task}",
+            f"dataset_path: {data / folder}",
+            "dataset_kwargs:",
+            "  load_from_disk: true",
+        ]
+        if task == "gqa":
+            lines.append("process_docs: null  # images are joined locally")
+        if task == "mmvet" and not judge:
+            lines.append("process_results: !function moetool.eval.runner.mmvet_without_judge")
+        path = out / f"{task}.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        written.append(path)
+    return written

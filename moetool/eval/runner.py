@@ -1,0 +1,223 @@
+"""``moetool eval``: lmms-eval's own task definitions on local data, results written as
+``results.json``, ``results.csv`` and ``samples.jsonl`` (lmms-eval's per-sample log)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moetool.eval.datasets import REQUIRED_COLUMNS, TASK_DATA
+
+# moetool task name -> the lmms-eval tasks it runs.
+TASKS = {
+    "pope": ("pope_adv", "pope_pop", "pope_random"),
+    "gqa": ("gqa",),
+    "vqav2": ("vqav2_val",),
+    "mmbench": ("mmbench_en_dev",),
+    "mmvet": ("mmvet",),
+}
+# lmms-eval task -> (folder of its built-in YAML, metrics we report)
+_LMMS = {
+    "pope_adv": ("pope", ("pope_accuracy", "pope_f1_score", "pope_yes_ratio")),
+    "pope_pop": ("pope", ("pope_accuracy", "pope_f1_score", "pope_yes_ratio")),
+    "pope_random": ("pope", ("pope_accuracy", "pope_f1_score", "pope_yes_ratio")),
+    "gqa": ("gqa", ("exact_match",)),
+    "vqav2_val": ("vqav2", ("exact_match",)),
+    "mmbench_en_dev": ("mmbench", ("gpt_eval_score",)),
+    "mmbench_en_dev_static": ("mmbench", ("gpt_eval_score",)),
+    "mmvet": ("mmvet", ("gpt_eval_score",)),
+}
+
+
+class EvalError(ValueError):
+    pass
+
+
+@dataclass
+class EvalReport:
+    task: str
+    metrics: dict[str, dict[str, float]]  # lmms-eval task -> metric -> value
+    samples: int
+    out: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def lmms_tasks(task: str) -> tuple[str, ...]:
+    """The lmms-eval tasks behind a moetool task. Without a GPT judge, MMBench answers are
+    matched to options by rules (lmms-eval's `mmbench_en_dev_static`) instead of waiting on
+    unreachable API calls for every answer the rules cannot parse."""
+    if task == "mmbench" and not judge_configured():
+        return ("mmbench_en_dev_static",)
+    return TASKS[task]
+
+
+def judge_configured() -> bool:
+    """Whether an MM-Vet judge is set up through lmms-eval's own settings."""
+    api = os.environ.get("API_TYPE", "openai")
+    return bool(os.environ.get("OPENAI_API_KEY")) or api not in ("openai", "dummy")
+
+
+def check_data(task: str, data: Path) -> None:
+    """One clear error for a missing directory or a dataset in the wrong schema."""
+    from datasets import DatasetDict, load_from_disk
+
+    if task not in TASKS:
+        raise EvalError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    if not data.is_dir():
+        raise EvalError(f"--data {data}: no such directory")
+    for lmms_task in lmms_tasks(task):
+        folder, splits = TASK_DATA[lmms_task]
+        path = data / folder
+        if not path.is_dir():
+            raise EvalError(
+                f"--data {data}: no {folder}/ dataset for task {task} (expected a "
+                "datasets.save_to_disk directory; `moetool data synth` writes one)"
+            )
+        try:
+            dataset = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise EvalError(f"{path}: not a datasets.save_to_disk directory ({err})") from None
+        if not isinstance(dataset, DatasetDict) or not set(splits) <= set(dataset):
+            found = list(dataset) if isinstance(dataset, DatasetDict) else type(dataset).__name__
+            raise EvalError(
+                f"{path}: expected a DatasetDict with split(s) {list(splits)}, found {found}"
+            )
+        for split in splits:
+            missing = [c for c in REQUIRED_COLUMNS[folder] if c not in dataset[split].column_names]
+            if missing:
+                raise EvalError(
+                    f"{path} split {split!r}: missing column(s) {missing} of the {lmms_task} schema"
+                )
+
+
+def mmvet_without_judge(doc, results):
+    """MM-Vet's per-sample record with the prediction kept and no judge score (0.0)."""
+    return {
+        "gpt_eval_score": {
+            "question_id": doc["question_id"],
+            "question": doc["question"],
+            "gt_answer": doc["answer"],
+            "capabilities": doc["capability"],
+            "pred_answer": results[0],
+            "score": 0.0,
+            "eval_model": "none",
+        }
+    }
+
+
+def task_configs(task: str, data: Path) -> list[dict]:
+    """lmms-eval dict task configs: the built-in YAML with only the data source replaced."""
+    configs = []
+    for lmms_task in lmms_tasks(task):
+        folder, _ = TASK_DATA[lmms_task]
+        config = {
+            "task": lmms_task,
+            "dataset_path": str(data / folder),
+            "dataset_kwargs": {"load_from_disk": True},
+        }
+        if lmms_task == "gqa":
+            config["process_docs"] = None  # images are joined locally; the hook would download
+        if lmms_task == "mmvet" and not judge_configured():
+            config["process_results"] = mmvet_without_judge
+        configs.append(config)
+    return configs
+
+
+def run_eval(
+    task: str,
+    model: str | Path,
+    data: str | Path,
+    out: str | Path,
+    limit: int | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    overwrite: bool = False,
+    lmms_model=None,
+) -> EvalReport:
+    """Run ``task`` with lmms-eval on ``model`` (a checkpoint directory) and local ``data``.
+
+    ``lmms_model`` replaces the checkpoint's model with another lmms-eval model instance (tests
+    use an oracle). Writes ``out/results.json``, ``out/results.csv`` and ``out/samples.jsonl``.
+    """
+    data, out = Path(data), Path(out)
+    check_data(task, data)
+    if lmms_model is None and not (Path(model) / "config.json").is_file():
+        raise EvalError(f"--model {model}: not a checkpoint directory (no config.json)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise EvalError(f"{out} already holds results (pass --overwrite to replace them)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    notes = []
+    if task == "mmbench" and not judge_configured():
+        notes.append(
+            "No GPT judge configured: MMBench answers are matched to the options by "
+            "rules (lmms-eval's mmbench_en_dev_static)."
+        )
+    if task == "mmvet" and not judge_configured():
+        os.environ["API_TYPE"] = "dummy"  # lets the task import without credentials
+        notes.append(
+            "MM-Vet scores need a GPT judge: none is configured (set OPENAI_API_KEY "
+            "and optionally OPENAI_API_URL / MODEL_VERSION, or API_TYPE), so "
+            "predictions are written and every score is 0.0 (not judged)."
+        )
+
+    import lmms_eval
+    from lmms_eval import evaluator
+    from lmms_eval.tasks import TaskManager
+
+    from moetool.io import atomic_output_dir
+
+    if lmms_model is None:
+        from moetool.eval.lmms_model import MoeTool
+
+        lmms_model = MoeTool(pretrained=str(model), device=device, batch_size=batch_size)
+    root = Path(lmms_eval.__file__).parent / "tasks"
+    folders = sorted({_LMMS[t][0] for t in lmms_tasks(task)})
+    manager = TaskManager(
+        include_path=[str(root / f) for f in folders], include_defaults=False, model_name="moetool"
+    )
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        result = evaluator.simple_evaluate(
+            model=lmms_model,
+            tasks=task_configs(task, data),
+            task_manager=manager,
+            limit=limit,
+            device=device,
+            log_samples=True,
+            bootstrap_iters=0,
+            batch_size=batch_size,
+            cli_args=types.SimpleNamespace(output_path=str(tmp), process_with_media=False),
+        )
+        samples = result.pop("samples", {})
+        (tmp / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        with (tmp / "samples.jsonl").open("w") as f:
+            for lmms_task, rows in samples.items():
+                for row in rows:
+                    f.write(json.dumps({"task": lmms_task, **row}, default=str) + "\n")
+        metrics = {
+            t: {
+                m: float(result["results"][t][f"{m},none"])
+                for m in _LMMS[t][1]
+                if result["results"][t].get(f"{m},none") is not None
+            }
+            for t in lmms_tasks(task)
+        }
+        for lmms_task, rows in samples.items():
+            if lmms_task in ("pope_adv", "pope_pop", "pope_random") and rows:
+                # The paper's "Yes" (Table 4) is the share of *answers* that are yes;
+                # lmms-eval's pope_yes_ratio is the share of yes in the ground truth.
+                answers = [row["pope_accuracy"]["prediction"] for row in rows]
+                metrics[lmms_task]["yes_ratio_predicted"] = answers.count("yes") / len(answers)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with (tmp / "results.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["task", "metric", "value"])
+            for lmms_task, values in metrics.items():
+                for metric, value in values.items():
+                    writer.writerow([lmms_task, metric, value])
+    count = sum(len(rows) for rows in samples.values())
+    return EvalReport(task, metrics, count, out, notes)

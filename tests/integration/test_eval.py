@@ -1,0 +1,214 @@
+"""`moetool eval` and the `lmms-eval` command line run lmms-eval's own tasks on local data."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Synthetic data (with its lmms-eval datasets) and a tiny random sparse checkpoint."""
+    from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.recipe import load_recipe
+    from moetool.recipe.paths import recipes_root
+    from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
+
+    root = tmp_path_factory.mktemp("eval")
+    subprocess.run(
+        [
+            str(BIN / "moetool"),
+            "data",
+            "synth",
+            str(root / "data"),
+            "--stage1",
+            "8",
+            "--stage2",
+            "8",
+            "--stage3",
+            "8",
+            "--eval-images",
+            "6",
+            "--image-size",
+            "32",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    model, processor = build_random_lvlm(load_recipe(recipes_root() / "tiny/qwen2.toml"))
+    save_checkpoint(model, processor, root / "dense")
+    upcycle_checkpoint(root / "dense", root / "moe", UpcycleOptions())
+    return root
+
+
+def moetool(*args):
+    env = dict(os.environ, COLUMNS="120")
+    return subprocess.run(
+        [str(BIN / "moetool"), *args], capture_output=True, text=True, env=env, timeout=900
+    )
+
+
+@pytest.mark.parametrize("task", ["pope", "gqa", "vqav2", "mmbench", "mmvet"])
+def test_every_task_runs_through_moetool_eval(world, task, tmp_path):
+    proc = moetool(
+        "eval",
+        task,
+        "--model",
+        str(world / "moe"),
+        "--data",
+        str(world / "data/lmms"),
+        "--out",
+        str(tmp_path / task),
+        "--limit",
+        "3",
+        "--batch-size",
+        "2",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    results = json.loads((tmp_path / task / "results.json").read_text())["results"]
+    assert set(report["metrics"]) <= set(results)
+    rows = (tmp_path / task / "samples.jsonl").read_text().splitlines()
+    assert len(rows) == report["samples"] == 3 * len(report["metrics"])
+    assert (tmp_path / task / "results.csv").read_text().startswith("task,metric,value")
+    if task == "mmvet":
+        assert any("judge" in note for note in report["notes"])
+
+
+def test_pope_metrics_agree_with_the_per_sample_log(world, tmp_path):
+    proc = moetool(
+        "eval",
+        "pope",
+        "--model",
+        str(world / "dense"),
+        "--data",
+        str(world / "data/lmms"),
+        "--out",
+        str(tmp_path / "p"),
+        "--limit",
+        "8",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "p/results.json").read_text())["results"]
+    samples = [json.loads(x) for x in (tmp_path / "p/samples.jsonl").read_text().splitlines()]
+    for task in ("pope_adv", "pope_pop", "pope_random"):
+        rows = [s["pope_accuracy"] for s in samples if s["task"] == task]
+        preds = [r["prediction"] for r in rows]
+        truth = [r["ground_truth"] for r in rows]
+        pairs = list(zip(preds, truth, strict=True))
+        accuracy = sum(p == t for p, t in pairs) / len(rows)
+        tp = sum(p == t == "yes" for p, t in pairs)
+        fp = sum(p == "yes" and t == "no" for p, t in pairs)
+        fn = sum(p == "no" and t == "yes" for p, t in pairs)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        predicted_yes = sum(p == "yes" for p in preds) / len(rows)
+        report = json.loads((tmp_path / "p/metrics.json").read_text())
+        assert report[task]["yes_ratio_predicted"] == pytest.approx(predicted_yes)
+        assert results[task]["pope_accuracy,none"] == pytest.approx(accuracy)
+        assert results[task]["pope_f1_score,none"] == pytest.approx(f1)
+        assert results[task]["pope_yes_ratio,none"] == pytest.approx(truth.count("yes") / len(rows))
+
+
+def test_a_model_that_answers_from_the_annotations_scores_one(world, tmp_path):
+    from lmms_eval.api.model import lmms
+
+    from moetool.eval.runner import run_eval
+
+    class Oracle(lmms):
+        is_simple = True
+
+        def generate_until(self, requests):
+            return [
+                self.task_dict[r.args[4]][r.args[5]][r.args[3]]["answer"].capitalize()
+                for r in requests
+            ]
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def generate_until_multi_round(self, requests):
+            raise NotImplementedError
+
+    report = run_eval(
+        "pope", world / "dense", world / "data/lmms", tmp_path / "o", lmms_model=Oracle()
+    )
+    for split in ("pope_adv", "pope_pop", "pope_random"):
+        assert report.metrics[split]["pope_accuracy"] == 1.0
+        assert report.metrics[split]["pope_f1_score"] == 1.0
+
+
+def test_lmms_eval_command_line_with_the_moetool_model(world, tmp_path):
+    tasks = world / "data/lmms/tasks"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", API_TYPE="dummy")
+    env.pop("OPENAI_API_KEY", None)
+    proc = subprocess.run(
+        [
+            str(BIN / "lmms-eval"),
+            "--model",
+            "moetool",
+            "--model_args",
+            f"pretrained={world / 'moe'}",
+            "--tasks",
+            str(tasks),
+            "--limit",
+            "4",
+            "--batch_size",
+            "2",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(tmp_path / "out"),
+            "--log_samples",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [
+        p for p in (tmp_path / "out").rglob("*_results.json") if "submissions" not in p.parts
+    ]
+    assert results
+    data = json.loads(results[0].read_text())["results"]
+    # Every one of the five tasks ran through lmms-eval's own command line.
+    for task, metric in (
+        ("pope_adv", "pope_accuracy"),
+        ("pope_pop", "pope_f1_score"),
+        ("pope_random", "pope_accuracy"),
+        ("gqa", "exact_match"),
+        ("vqav2_val", "exact_match"),
+        ("mmbench_en_dev_static", "gpt_eval_score"),
+        ("mmvet", "gpt_eval_score"),
+    ):
+        assert f"{metric},none" in data[task], task
+        assert list((tmp_path / "out").rglob(f"*_samples_{task}.jsonl")), task
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "popee"], "unknown task 'popee'"),
+        (["eval", "pope", "--data", "/nonexistent"], "no such directory"),
+        (["eval", "gqa", "--data", "{wrong}"], "expected a DatasetDict with split(s) ['testdev']"),
+    ],
+)
+def test_eval_errors(world, tmp_path, args, message):
+    wrong = tmp_path / "wrong"
+    shutil.copytree(world / "data/lmms/pope", wrong / "gqa")  # a POPE dataset where GQA belongs
+    args = [a.replace("{wrong}", str(wrong)) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(world / "data/lmms")]
+    proc = moetool(*args, "--model", str(world / "moe"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
