@@ -24,6 +24,26 @@ def load_checkpoint(path: str, dtype: str = "float32", device: str = "cpu"):
     return model.to(device).eval(), processor
 
 
+def training_aspect_ratio(config) -> str:
+    """How the checkpoint's last training stage shaped images ("pad" or "resize")."""
+    meta = getattr(config, "moetool", None) or {}
+    stages = (meta.get("recipe") or {}).get("stages") or {}
+    stage = stages.get(meta.get("stage")) or {}
+    return stage.get("image_aspect_ratio", "pad")
+
+
+def prepare_image(image, processor, aspect_ratio: str):
+    """The image as training saw it: padded to a square with the processor's mean colour, or
+    left for the processor to resize."""
+    from moetool.data.preprocess import expand_to_square
+
+    image = image.convert("RGB")
+    if aspect_ratio == "pad":
+        mean = processor.image_processor.image_mean
+        image = expand_to_square(image, tuple(int(255 * m) for m in mean))
+    return image
+
+
 def build_prompt(tokenizer, question: str, images: int) -> str:
     """The question with one ``<image>`` per image, in the checkpoint's chat template."""
     content = (IMAGE_TOKEN + "\n") * images + question if IMAGE_TOKEN not in question else question
@@ -48,6 +68,7 @@ class MoeTool(lmms):
         self.model, self.processor = load_checkpoint(pretrained, dtype, device)
         self.device_name = device
         self.batch_size = int(batch_size)
+        self.aspect_ratio = training_aspect_ratio(self.model.config)
 
     def clean(self):
         """Keep the model across evaluations (lmms-eval's default deletes every module)."""
