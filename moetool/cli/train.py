@@ -101,40 +101,30 @@ def _run(stage: str, recipe: str, overrides, out, init, resume, overwrite, as_js
         )
 
 
-def pretrain(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    out: OutOpt = None,
-    init: InitOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Stage I: train the projector (image-caption data, plain template)."""
-    _run("pretrain", recipe, overrides, out, init, resume, overwrite, as_json)
+def _stage_command(stage: str, doc: str):
+    def command(
+        recipe: RecipeArg,
+        overrides: SetOpt = None,
+        out: OutOpt = None,
+        init: InitOpt = None,
+        resume: ResumeOpt = False,
+        overwrite: OverwriteOpt = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        _run(stage, recipe, overrides, out, init, resume, overwrite, as_json)
+
+    command.__doc__ = doc
+    command.__name__ = stage
+    return command
 
 
-def instruct(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    out: OutOpt = None,
-    init: InitOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Stage II: train the LLM and the projector on instruction data."""
-    _run("instruct", recipe, overrides, out, init, resume, overwrite, as_json)
-
-
-def moe_tune(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    out: OutOpt = None,
-    init: InitOpt = None,
-    resume: ResumeOpt = False,
-    overwrite: OverwriteOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Stage III: train the MoE layers (upcycling a dense --init on the fly from [moe])."""
-    _run("moe_tune", recipe, overrides, out, init, resume, overwrite, as_json)
+pretrain = _stage_command(
+    "pretrain", "Stage I: train the projector (image-caption data, plain template)."
+)
+instruct = _stage_command(
+    "instruct", "Stage II: train the LLM and the projector on instruction data."
+)
+moe_tune = _stage_command(
+    "moe_tune",
+    "Stage III: train the MoE layers (upcycling a dense --init on the fly from the recipe's moe section).",
+)
