@@ -126,5 +126,5 @@ instruct = _stage_command(
 )
 moe_tune = _stage_command(
     "moe_tune",
-    "Stage III: train the MoE layers (upcycling a dense --init on the fly from the recipe's moe section).",
+    "Stage III: train the MoE layers (a dense --init is upcycled per the recipe's moe section).",
 )
