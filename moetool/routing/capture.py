@@ -1,0 +1,95 @@
+"""Record, per MoE layer and per token, the chosen experts, their weights and the token's
+modality, for any number of experts, top-k, MoE layer layout and image-token count."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+
+@dataclass
+class RoutingCapture:
+    """Long-format routing records: one row per (sample, token, MoE layer, rank)."""
+
+    records: pd.DataFrame  # sample, position, layer, modality, rank, expert, weight
+    num_experts: int
+    top_k: int
+    layers: list[int]  # real decoder-layer indices of the MoE layers
+
+    def save(self, out: str | Path) -> None:
+        """``out/routing.parquet`` and ``out/routing.json`` (experts, top-k, layers)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.records.to_parquet(out / "routing.parquet", index=False)
+        (out / "routing.json").write_text(
+            json.dumps(
+                {"num_experts": self.num_experts, "top_k": self.top_k, "layers": self.layers},
+                indent=2,
+            )
+            + "\n"
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> RoutingCapture:
+        path = Path(path)
+        meta = json.loads((path / "routing.json").read_text())
+        return cls(pd.read_parquet(path / "routing.parquet"), **meta)
+
+
+def capture_routing(model, batches) -> RoutingCapture:
+    """Run ``model`` (a sparse moetool LVLM) over ``batches`` (dicts of model inputs with
+    ``input_ids`` and ``attention_mask``) and collect the routing of every non-padding token."""
+    layers = model.moe_layer_indices()
+    blocks = model.moe_blocks()
+    if not blocks:
+        raise ValueError("the model has no MoE layers: routing needs a sparse checkpoint")
+    model.set_routing_records(True)
+    frames = []
+    offset = 0
+    try:
+        model.eval()
+        for batch in batches:
+            with torch.no_grad():
+                model(**batch)
+            batch_size, length = batch["input_ids"].shape
+            sample = torch.arange(batch_size).repeat_interleave(length) + offset
+            position = torch.arange(length).repeat(batch_size)
+            for layer, block in zip(layers, blocks, strict=True):
+                rec = block.last_routing
+                valid = (
+                    rec.token_mask
+                    if rec.token_mask is not None
+                    else torch.ones(len(sample), dtype=torch.bool)
+                )
+                image = rec.image_mask if rec.image_mask is not None else torch.zeros_like(valid)
+                k = rec.expert_index.shape[1]
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "sample": sample[valid].repeat_interleave(k).numpy(),
+                            "position": position[valid].repeat_interleave(k).numpy(),
+                            "layer": layer,
+                            "modality": pd.Categorical(
+                                [
+                                    "image" if m else "text"
+                                    for m in image[valid].repeat_interleave(k)
+                                ],
+                                categories=["text", "image"],
+                            ),
+                            "rank": torch.arange(k).repeat(int(valid.sum())).numpy(),
+                            "expert": rec.expert_index[valid].reshape(-1).numpy(),
+                            "weight": rec.combine_weight[valid].reshape(-1).float().numpy(),
+                        }
+                    )
+                )
+            offset += batch_size
+    finally:
+        model.set_routing_records(False)
+    options = blocks[0].options
+    return RoutingCapture(
+        pd.concat(frames, ignore_index=True), options.num_experts, options.top_k, layers
+    )
