@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from moetool import __version__
-from moetool.cli import data, evaluation, params, recipes, train, upcycle
+from moetool.cli import data, evaluation, params, recipes, routing, train, upcycle
 
 app = typer.Typer(
     name="moetool",
@@ -26,7 +26,7 @@ COMMANDS = {
     "param-count": params.param_count,
     "recipes": recipes.recipes,
 }
-GROUPS = {"data": data.app}
+GROUPS = {"data": data.app, "routing": routing.app}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 for _name, _group in GROUPS.items():

@@ -43,10 +43,10 @@ class RoutingCapture:
 def capture_routing(model, batches) -> RoutingCapture:
     """Run ``model`` (a sparse moetool LVLM) over ``batches`` (dicts of model inputs with
     ``input_ids`` and ``attention_mask``) and collect the routing of every non-padding token."""
+    if not hasattr(model, "moe_blocks") or not model.moe_blocks():
+        raise ValueError("the model has no MoE layers: routing needs a sparse checkpoint")
     layers = model.moe_layer_indices()
     blocks = model.moe_blocks()
-    if not blocks:
-        raise ValueError("the model has no MoE layers: routing needs a sparse checkpoint")
     model.set_routing_records(True)
     frames = []
     offset = 0
@@ -93,3 +93,40 @@ def capture_routing(model, batches) -> RoutingCapture:
     return RoutingCapture(
         pd.concat(frames, ignore_index=True), options.num_experts, options.top_k, layers
     )
+
+
+def capture_from_llava_json(
+    checkpoint: str | Path,
+    data: list[str | Path],
+    image_folder: str | Path,
+    limit: int | None = None,
+    batch_size: int = 4,
+    template: str | None = None,
+    max_length: int = 2048,
+) -> RoutingCapture:
+    """Capture routing of a sparse checkpoint over LLaVA-JSON samples, rendered with the
+    checkpoint's conversation template (from its recipe snapshot, or ``template``)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from moetool.data.llava_json import load_llava_json
+    from moetool.data.preprocess import Preprocessor, collate
+    from moetool.data.templates import get_template
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    recipe = (getattr(model.config, "moetool", None) or {}).get("recipe") or {}
+    name = template or (recipe.get("data") or {}).get("template")
+    if not name:
+        raise ValueError(
+            f"{checkpoint}: no recipe snapshot names its conversation template; pass --template"
+        )
+    samples, _ = load_llava_json(list(data), image_folder)
+    samples = samples[:limit] if limit else samples
+    pre = Preprocessor(processor, get_template(name), model.config.image_seq_length, max_length)
+    encoded = [pre.encode(s) for s in samples]
+    batches = []
+    for i in range(0, len(encoded), batch_size):
+        batch = collate(encoded[i : i + batch_size], processor.tokenizer.pad_token_id)
+        batch.pop("labels")
+        batches.append(batch)
+    return capture_routing(model, batches)

@@ -127,3 +127,21 @@ def test_constructed_routers_send_image_tokens_to_one_expert(sparse):
         assert load.loc[layer, [3, 5]].sum() == pytest.approx(1.0)
     image_paths = top_pathways(capture, modality="image")
     assert image_paths.iloc[0]["pathway"] == (3, 3) and image_paths.iloc[0]["share"] == 1.0
+
+
+def test_plots_are_written_and_open_as_images(sparse, tmp_path):
+    from PIL import Image
+
+    from moetool.routing.plots import plot_all
+
+    paths = plot_all(capture_routing(sparse, batches(sparse, n=1)), tmp_path / "fig")
+    names = sorted(p.name for p in paths)
+    assert names == sorted(
+        f"{n}.{e}" for n in ("expert_load", "modality", "pathways") for e in ("png", "svg")
+    )
+    for path in paths:
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                assert image.size[0] > 100 and image.size[1] > 100
+        else:
+            assert path.read_text().lstrip().startswith("<?xml")

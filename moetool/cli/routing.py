@@ -1,0 +1,120 @@
+"""``moetool routing capture | stats | plot``: expert-load and modality analysis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moetool.cli.render import console, fail, print_json, table
+
+app = typer.Typer(
+    help="Routing analysis: expert load, modality preference, pathways "
+    "(paper section 4.4, Figures 4-6).",
+    no_args_is_help=True,
+)
+
+
+@app.command("capture")
+def capture(
+    model: Annotated[Path, typer.Option("--model", help="Sparse checkpoint directory.")],
+    data: Annotated[list[Path], typer.Option("--data", help="LLaVA-JSON file (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for routing.parquet/.json.")],
+    image_folder: Annotated[Path, typer.Option("--image-folder")] = Path("."),
+    limit: Annotated[int | None, typer.Option("--limit", help="First N samples.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+    template: Annotated[
+        str | None,
+        typer.Option("--template", help="Conversation template (default: the checkpoint's)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+) -> None:
+    """Record every token's experts, weights and modality in every MoE layer."""
+    from moetool.data.llava_json import DataError
+    from moetool.io import OutputExistsError, atomic_output_dir
+    from moetool.routing.capture import capture_from_llava_json
+
+    try:
+        result = capture_from_llava_json(model, data, image_folder, limit, batch_size, template)
+        with atomic_output_dir(out, overwrite) as tmp:
+            result.save(tmp)
+    except (ValueError, DataError, OutputExistsError, OSError) as err:
+        fail(str(err))
+    console.print(
+        f"[green]captured[/] {len(result.records)} routing records "
+        f"({result.num_experts} experts, top-{result.top_k}, MoE layers "
+        f"{result.layers}) -> {out}"
+    )
+
+
+@app.command("stats")
+def stats(
+    capture_dir: Annotated[Path, typer.Argument(help="Output of `moetool routing capture`.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Expert load per layer, balance (CV, entropy), modality shares and top pathways."""
+    from moetool.routing.capture import RoutingCapture
+    from moetool.routing.stats import balance, expert_load, modality_share, top_pathways
+
+    try:
+        cap = RoutingCapture.load(capture_dir)
+    except (OSError, ValueError) as err:
+        fail(f"{capture_dir}: not a routing capture ({err})")
+    load, bal = expert_load(cap), balance(cap)
+    share = modality_share(cap)
+    paths = {m: top_pathways(cap, m) for m in ("text", "image")}
+    if as_json:
+        print_json(
+            {
+                "num_experts": cap.num_experts,
+                "top_k": cap.top_k,
+                "layers": cap.layers,
+                "load_top1": {str(k): v for k, v in load.fillna(0).T.to_dict("list").items()},
+                "balance": {str(k): v for k, v in bal.T.to_dict().items()},
+                "image_share": {
+                    f"{layer}/{expert}": v
+                    for (layer, expert), v in share["image"].fillna(0).items()
+                },
+                "top_pathways": {
+                    m: [
+                        {"pathway": list(map(int, r.pathway)), "share": r.share}
+                        for r in p.itertuples()
+                    ]
+                    for m, p in paths.items()
+                },
+            }
+        )
+        return
+    rows = [
+        [str(layer)]
+        + [f"{v:.3f}" for v in load.loc[layer].fillna(0)]
+        + [f"{bal.loc[layer, 'cv']:.3f}", f"{bal.loc[layer, 'entropy']:.3f}"]
+        for layer in cap.layers
+    ]
+    console.print(
+        table(
+            f"Top-1 expert load (balanced = {1 / cap.num_experts:.3f})",
+            ["Layer"] + [f"E{e + 1}" for e in range(cap.num_experts)] + ["CV", "Entropy"],
+            rows,
+        )
+    )
+
+
+@app.command("plot")
+def plot(
+    capture_dir: Annotated[Path, typer.Argument(help="Output of `moetool routing capture`.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Figure folder (default: CAPTURE/figures).")
+    ] = None,
+) -> None:
+    """Figures 4-6 of the paper as PNG and SVG."""
+    from moetool.routing.capture import RoutingCapture
+    from moetool.routing.plots import plot_all
+
+    try:
+        cap = RoutingCapture.load(capture_dir)
+    except (OSError, ValueError) as err:
+        fail(f"{capture_dir}: not a routing capture ({err})")
+    paths = plot_all(cap, out or capture_dir / "figures")
+    console.print("\n".join(str(p) for p in paths))
