@@ -10,8 +10,7 @@ from lmms_eval import utils
 from lmms_eval.api.model import lmms
 
 import moetool  # noqa: F401  (registers the sparse model)
-
-IMAGE_TOKEN = "<image>"
+from moetool.data.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 
 
 def load_checkpoint(path: str, dtype: str = "float32", device: str = "cpu"):

@@ -207,7 +207,7 @@ def run_eval(
             for t in lmms_tasks(task)
         }
         for lmms_task, rows in samples.items():
-            if lmms_task in ("pope_adv", "pope_pop", "pope_random") and rows:
+            if lmms_task in TASKS["pope"] and rows:
                 # The paper's "Yes" (Table 4) is the share of *answers* that are yes;
                 # lmms-eval's pope_yes_ratio is the share of yes in the ground truth.
                 answers = [row["pope_accuracy"]["prediction"] for row in rows]
