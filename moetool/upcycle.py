@@ -171,6 +171,8 @@ class UpcyclePlan:
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
+        if length > os.fstat(f.fileno()).st_size - 8:
+            raise UpcycleError(f"{path}: not a safetensors file (header longer than the file)")
         header = json.loads(f.read(length))
     base = 8 + length
     return {
@@ -459,6 +461,34 @@ def _shards(specs: Iterable[OutputTensor], max_bytes: int) -> list[list[OutputTe
     return shards
 
 
+def write_sharded_safetensors(
+    directory: Path,
+    specs: Iterable[OutputTensor],
+    write_tensor: Callable[[OutputTensor, object], None],
+    max_shard_bytes: int = 5 * 1024**3,
+) -> list[str]:
+    """``model.safetensors``, or numbered shards of at most ``max_shard_bytes`` plus
+    ``model.safetensors.index.json``, in ``directory``; returns the file names."""
+    specs = list(specs)
+    shards = _shards(specs, max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard in zip(names, shards, strict=True):
+        write_safetensors(directory / name, shard, write_tensor)
+    if len(shards) > 1:
+        weight_map = {
+            spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard
+        }
+        total = sum(spec.nbytes for spec in specs)
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    return names
+
+
 def _tensor_bytes(tensor) -> memoryview:
     import torch
 
@@ -550,28 +580,7 @@ def upcycle_checkpoint(
 
     try:
         with atomic_output_dir(out, overwrite) as tmp:
-            shards = _shards(plan.tensors, max_shard_bytes)
-            names = (
-                ["model.safetensors"]
-                if len(shards) == 1
-                else [
-                    f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                    for i in range(len(shards))
-                ]
-            )
-            for name, shard in zip(names, shards, strict=True):
-                write_safetensors(tmp / name, shard, write_tensor)
-            if len(shards) > 1:
-                weight_map = {
-                    spec.name: name
-                    for name, shard in zip(names, shards, strict=True)
-                    for spec in shard
-                }
-                (tmp / "model.safetensors.index.json").write_text(
-                    json.dumps(
-                        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2
-                    )
-                )
+            write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes)
             sparse_config = dict(config)
             sparse_config["model_type"] = "moetool_llava"
             sparse_config["architectures"] = ["MoELlavaForConditionalGeneration"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 
 from moetool import __version__
-from moetool.cli import data, evaluation, params, recipes, routing, train, upcycle
+from moetool.cli import convert, data, evaluation, params, recipes, routing, train, upcycle
 
 app = typer.Typer(
     name="moetool",
@@ -21,6 +24,7 @@ COMMANDS = {
     "pretrain": train.pretrain,
     "instruct": train.instruct,
     "upcycle": upcycle.upcycle,
+    "convert": convert.convert,
     "moe-tune": train.moe_tune,
     "eval": evaluation.eval_command,
     "param-count": params.param_count,
@@ -48,5 +52,23 @@ def _root(
     """moetool: MoE-LLaVA from recipe to evaluation."""
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` the DeepSpeed launcher appends to every worker's arguments,
+    keeping N as ``LOCAL_RANK`` (what torch.distributed and DeepSpeed read)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = _take_local_rank(sys.argv[1:])
     app()

@@ -89,6 +89,11 @@ class SynthConfig:
     eval_images: int = 200  # held-out images behind every evaluation set
     colours: tuple[str, ...] = tuple(PALETTE)  # names from PALETTE
     shapes: tuple[str, ...] = SHAPES
+    # Question kinds of the instruction stages and their relative weights; () = the default mix.
+    # Stage III adds four-option "choice" questions at weight 2 unless the mix names "choice".
+    question_mix: tuple[tuple[str, int], ...] = ()
+    # Share of stage II and stage III samples that are conversations of 2-3 rounds.
+    multi_turn: tuple[float, float] = (0.3, 0.5)
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,8 +114,28 @@ class SynthConfig:
             # Four distinct options are needed for the multiple-choice questions.
             if len(set(values)) < 4:
                 problems.append(f"{name} needs at least 4 names, got {len(set(values))}")
+        known_kinds = (*_TRAIN_KINDS, "choice")
+        for kind, weight in self.question_mix:
+            if kind not in known_kinds:
+                problems.append(f"question_mix: unknown kind {kind!r}; valid: {known_kinds}")
+            elif weight < 0:
+                problems.append(f"question_mix: weight of {kind!r} must be >= 0, got {weight}")
+        if self.question_mix and not any(w > 0 for k, w in self.question_mix if k != "choice"):
+            problems.append("question_mix: a kind other than 'choice' needs a weight > 0")
+        if len(self.multi_turn) != 2 or not all(0 <= p <= 1 for p in self.multi_turn):
+            problems.append(f"multi_turn must be two shares in 0..1, got {self.multi_turn}")
         if problems:
             raise ValueError("invalid SynthConfig:\n  " + "\n  ".join(problems))
+
+    def mix(self, stage: str) -> dict[str, int]:
+        """Question kinds and weights of an instruction stage ("stage2" or "stage3")."""
+        if self.question_mix:
+            kinds = dict(self.question_mix)
+            if stage == "stage2":
+                kinds.pop("choice", None)
+        else:
+            kinds = _TRAIN_KINDS | ({"choice": 2} if stage == "stage3" else {})
+        return {kind: weight for kind, weight in kinds.items() if weight > 0}
 
 
 @dataclass(frozen=True)
@@ -166,10 +191,9 @@ def generate(
         "stage1.json": _captions(train_scenes, config.stage1, 0, _rng(config, "stage1")),
     }
     offset = config.stage1
-    for stage, multi_turn in (("stage2", 0.3), ("stage3", 0.5)):
-        kinds = _TRAIN_KINDS | ({"choice": 2} if stage == "stage3" else {})
+    for stage, multi_turn in zip(("stage2", "stage3"), config.multi_turn, strict=True):
         files[f"{stage}.json"] = _instructions(
-            stage, train_scenes, stage_sizes[stage], offset, kinds, multi_turn, config
+            stage, train_scenes, stage_sizes[stage], offset, config.mix(stage), multi_turn, config
         )
         offset += stage_sizes[stage]
     all_scenes = train_scenes + eval_scenes
@@ -543,14 +567,18 @@ def _instructions(
         left = dict(kinds)
         while len(rounds) < wanted and left:
             kind = rng.choices(list(left), weights=list(left.values()))[0]
-            del left[kind]
+            if kind != "exist":  # several objects can be asked about, other kinds once
+                del left[kind]
             if kind == "choice":
                 qa, options, letter = _choice(scene, config, rng, balancer, vary=True)
                 lines = [qa.question] + [f"{x}. {o}" for x, o in zip(LETTERS, options, strict=True)]
                 rounds.append(("\n".join(lines + [LETTER_ANSWER]), letter))
                 continue
-            qa = balancer.pick(_candidates(kind, scene, config, rng, vary=True), rng)
+            asked = {question.split("\n")[0] for question, _ in rounds}
+            candidates = _candidates(kind, scene, config, rng, vary=True)
+            qa = balancer.pick([c for c in candidates if c.question not in asked], rng)
             if qa is None:
+                left.pop(kind, None)
                 continue
             # Half the questions carry LLaVA-1.5's short-answer hint, as the eval prompts do.
             suffix = "\n" + SHORT_ANSWER if rng.random() < 0.5 else ""

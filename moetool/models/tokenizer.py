@@ -52,7 +52,34 @@ def _corpus() -> list[str]:
         f"Is there a {c} {s} in the image? Yes. No." for c in words[:16] for s in words[16:28]
     ]
     lines += [f"{n} {n}0 {n}{n}" for n in range(10)]
-    return lines
+    return lines + _project_phrases()
+
+
+def _project_phrases() -> list[str]:
+    # The chat templates' system prompts and the synthetic world's prompts, questions and
+    # answers, repeated so that BPE merges them into few tokens (shorter sequences train faster).
+    from moetool.data import synth
+    from moetool.data.templates import TEMPLATES
+
+    systems = sorted({t.system for t in TEMPLATES.values() if t.system})
+    prompts = [*synth.BRIEF_PROMPTS, *synth.DETAILED_PROMPTS, synth.SHORT_ANSWER]
+    prompts.append(synth.LETTER_ANSWER)
+    colours, shapes = list(synth.PALETTE), list(synth.SHAPES)
+    questions = []
+    for i, templates in enumerate(synth._TEMPLATES.values()):
+        for j, template in enumerate(templates):
+            colour, shape = colours[(i + j) % len(colours)], shapes[(i + 2 * j) % len(shapes)]
+            name = f"{colour} {shape}"
+            fields = {"a": synth._a(colour), "name": name, "colour": colour, "shape": shape}
+            questions.append(template.format(plural=shape + "s", **fields))
+    answers = [w.capitalize() for w in (*colours, *shapes, *synth.POSITIONS, "yes", "no")]
+    # Whole prompts as each template renders them (role words, separators, line breaks).
+    chats = [
+        t.prompt(f"{q}\n{synth.SHORT_ANSWER}") + a
+        for t in TEMPLATES.values()
+        for q, a in zip(questions, answers, strict=False)
+    ]
+    return 8 * (systems + prompts + questions) + [" ".join(answers)] * 4 + chats
 
 
 @functools.lru_cache(maxsize=8)

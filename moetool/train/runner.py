@@ -289,6 +289,7 @@ def run_stage(
                 processor.tokenizer.pad_token_id,
             )
             tokens += int(batch["attention_mask"].sum())
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
             outputs = engine(**batch)
             loss = outputs.loss
             if not torch.isfinite(loss):

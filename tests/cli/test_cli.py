@@ -165,3 +165,25 @@ def test_data_synth(tmp_path):
     assert counts["stage1.json"] == 20 and (tmp_path / "d/eval/pope_random.json").exists()
     again = run("data", "synth", str(tmp_path / "d"), check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_deepspeed_launcher_local_rank_is_taken_as_environment(monkeypatch):
+    from moetool.cli.app import _take_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    args = ["instruct", "tiny/llama", "--out", "runs/x", "--local_rank=3"]
+    assert _take_local_rank(args) == ["instruct", "tiny/llama", "--out", "runs/x"]
+    assert os.environ["LOCAL_RANK"] == "3"
+    assert _take_local_rank(["eval", "--local-rank", "5", "pope"]) == ["eval", "pope"]
+
+
+def test_errors_keep_bracketed_toml_names(tmp_path):
+    # "[moe]" in an error is a TOML table name, not Rich markup to be swallowed.
+    recipe = tmp_path / "bad.toml"
+    from moetool.recipe.paths import recipes_root
+
+    base = recipes_root() / "tiny" / "llama.toml"
+    recipe.write_text(f'extends = "{base}"\n[moe]\nnum_expertz = 8\n')
+    proc = run("param-count", str(recipe), check=False)
+    assert proc.returncode == 2
+    assert "[moe]" in proc.stderr and "num_expertz" in proc.stderr
