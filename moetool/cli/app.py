@@ -8,7 +8,18 @@ import sys
 import typer
 
 from moetool import __version__
-from moetool.cli import convert, data, evaluation, params, recipes, routing, train, upcycle
+from moetool.cli import (
+    convert,
+    data,
+    evaluation,
+    params,
+    predict,
+    quickstart,
+    recipes,
+    routing,
+    train,
+    upcycle,
+)
 
 app = typer.Typer(
     name="moetool",
@@ -21,6 +32,8 @@ app = typer.Typer(
 
 # Only commands that work are registered; each issue adds its own.
 COMMANDS = {
+    "quickstart": quickstart.quickstart,
+    "predict": predict.predict,
     "pretrain": train.pretrain,
     "instruct": train.instruct,
     "upcycle": upcycle.upcycle,

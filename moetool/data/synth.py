@@ -92,8 +92,15 @@ class SynthConfig:
     # Question kinds of the instruction stages and their relative weights; () = the default mix.
     # Stage III adds four-option "choice" questions at weight 2 unless the mix names "choice".
     question_mix: tuple[tuple[str, int], ...] = ()
-    # Share of stage II and stage III samples that are conversations of 2-3 rounds.
+    # Share of stage II and stage III samples that are conversations of several rounds, and
+    # the numbers of rounds such a conversation may have (drawn uniformly).
     multi_turn: tuple[float, float] = (0.3, 0.5)
+    rounds: tuple[int, ...] = (2, 3)
+    # The kinds of object drawn, as "colour shape" names; () = every colour on every shape.
+    # A fixed set (each shape in one colour) makes an object name a class, as in COCO.
+    objects: tuple[str, ...] = ()
+    # False: every training question in the evaluation sets' phrasing ("Is there a ...?").
+    vary_phrasing: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -122,10 +129,25 @@ class SynthConfig:
                 problems.append(f"question_mix: weight of {kind!r} must be >= 0, got {weight}")
         if self.question_mix and not any(w > 0 for k, w in self.question_mix if k != "choice"):
             problems.append("question_mix: a kind other than 'choice' needs a weight > 0")
+        if not self.rounds or min(self.rounds) < 1:
+            problems.append(f"rounds must be numbers >= 1, got {self.rounds}")
         if len(self.multi_turn) != 2 or not all(0 <= p <= 1 for p in self.multi_turn):
             problems.append(f"multi_turn must be two shares in 0..1, got {self.multi_turn}")
+        for name in self.objects:
+            colour, _, shape = name.partition(" ")
+            if colour not in self.colours or shape not in self.shapes:
+                problems.append(f"objects: {name!r} is not '<colour> <shape>' of the config's")
+        if self.objects and len(set(self.objects)) < 4:
+            problems.append(f"objects needs at least 4 names, got {len(set(self.objects))}")
         if problems:
             raise ValueError("invalid SynthConfig:\n  " + "\n  ".join(problems))
+
+    def object_kinds(self) -> list[tuple[str, str]]:
+        """Every (colour, shape) an image may hold, in vocabulary order."""
+        if self.objects:
+            wanted = {tuple(name.split(" ", 1)) for name in self.objects}
+            return [(c, s) for c in self.colours for s in self.shapes if (c, s) in wanted]
+        return [(c, s) for c in self.colours for s in self.shapes]
 
     def mix(self, stage: str) -> dict[str, int]:
         """Question kinds and weights of an instruction stage ("stage2" or "stage3")."""
@@ -250,8 +272,8 @@ def _sample_scene(config: SynthConfig, image: str, split: str, rng: random.Rando
     largest = cell - 2 * margin
     smallest = min(largest, round(0.6 * cell))
     background = rng.choice(config.colours)
-    kinds = [(c, s) for c in config.colours if c != background for s in config.shapes]
-    count = rng.randint(1, config.max_objects)
+    kinds = [(c, s) for c, s in config.object_kinds() if c != background]
+    count = min(rng.randint(1, config.max_objects), len(kinds))
     positions = sorted(rng.sample(range(len(POSITIONS)), count))
     objects = []
     for (colour, shape), quadrant in zip(rng.sample(kinds, count), positions, strict=True):
@@ -425,17 +447,26 @@ def _candidates(
     raise ValueError(f"unknown question kind {kind!r}")
 
 
+def _topic(qa: _QA) -> str:
+    # What a question is about: the object for existence questions (asked in several
+    # phrasings), else the question itself.
+    if qa.kind == "exist":
+        words = qa.question.rstrip("?").split()
+        pairs = zip(words, words[1:], strict=False)
+        return next(f"exist:{c} {s}" for c, s in pairs if c in PALETTE and s in SHAPES)
+    return qa.question
+
+
 def _negatives(scene: _Scene, config: SynthConfig, rng: random.Random) -> list[str]:
     # One plausible absent object per kind of mistake, so the three come equally often.
     present = {(o.colour, o.shape) for o in scene.objects}
     colours = {c for c, _ in present}
     shapes = {s for _, s in present}
     absent = [
-        (c, s)
-        for c in config.colours
-        for s in config.shapes
-        if c != scene.background and (c, s) not in present
+        (c, s) for c, s in config.object_kinds() if c != scene.background and (c, s) not in present
     ]
+    if config.objects:  # a fixed set of classes: every absent class is a plausible negative
+        return [" ".join(o) for o in absent]
     mistakes = (
         [(c, s) for c, s in absent if s in shapes],  # a present shape in another colour
         [(c, s) for c, s in absent if c in colours],  # a present colour on another shape
@@ -562,27 +593,40 @@ def _instructions(
     samples = []
     for j in range(count):
         scene = scenes[(offset + j) % len(scenes)]
-        wanted = rng.choice((2, 3)) if rng.random() < multi_turn else 1
+        wanted = rng.choice(config.rounds) if rng.random() < multi_turn else 1
         rounds: list[tuple[str, str]] = []
+        topics: set[str] = set()
         left = dict(kinds)
         while len(rounds) < wanted and left:
             kind = rng.choices(list(left), weights=list(left.values()))[0]
             if kind != "exist":  # several objects can be asked about, other kinds once
                 del left[kind]
             if kind == "choice":
-                qa, options, letter = _choice(scene, config, rng, balancer, vary=True)
+                qa, options, letter = _choice(scene, config, rng, balancer, config.vary_phrasing)
                 lines = [qa.question] + [f"{x}. {o}" for x, o in zip(LETTERS, options, strict=True)]
                 rounds.append(("\n".join(lines + [LETTER_ANSWER]), letter))
                 continue
-            asked = {question.split("\n")[0] for question, _ in rounds}
-            candidates = _candidates(kind, scene, config, rng, vary=True)
-            qa = balancer.pick([c for c in candidates if c.question not in asked], rng)
+            candidates = _candidates(kind, scene, config, rng, config.vary_phrasing)
+            # Never the same question twice, nor the same object in other words.
+            qa = balancer.pick([c for c in candidates if _topic(c) not in topics], rng)
             if qa is None:
                 left.pop(kind, None)
                 continue
             # Half the questions carry LLaVA-1.5's short-answer hint, as the eval prompts do.
             suffix = "\n" + SHORT_ANSWER if rng.random() < 0.5 else ""
             rounds.append((qa.question + suffix, _capitalise(qa.answer)))
+            topics.add(_topic(qa))
+        if not rounds:  # every kind was skipped for balance: ask the first that fits anyway
+            for kind in kinds:
+                candidates = (
+                    _candidates(kind, scene, config, rng, config.vary_phrasing)
+                    if kind != "choice"
+                    else []
+                )
+                qa = balancer.pick(candidates, rng, skip=False)
+                if qa is not None:
+                    rounds.append((qa.question, _capitalise(qa.answer)))
+                    break
         samples.append(
             {"id": f"{stage}_{j:06d}", "image": scene.image, "conversations": _turns(rounds)}
         )
@@ -606,14 +650,15 @@ def _pope(
                 if a is not b:
                     together[(a.colour, a.shape), (b.colour, b.shape)] += 1
     # Ties in frequency are broken by vocabulary order, so the ranking is fixed.
-    ranking = sorted(
-        ((c, s) for c in config.colours for s in config.shapes), key=lambda o: -frequency[o]
-    )
+    ranking = sorted(config.object_kinds(), key=lambda o: -frequency[o])
     records = []
     for scene in scenes:
         present = [(o.colour, o.shape) for o in scene.objects]
         absent = [o for o in ranking if o not in present and o[0] != scene.background]
-        k = len(present)
+        # As many absent objects as present ones (with few object kinds, as many as there are).
+        k = min(len(present), len(absent))
+        if k < len(present):
+            present = sorted(rng.sample(present, k))
         if category == "random":
             negatives = rng.sample(sorted(absent), k)
         elif category == "popular":

@@ -505,3 +505,71 @@ def test_mmbench_has_one_right_option_spread_evenly(data):
     assert set(letters) == set("ABCD")
     assert max(letters.values()) - min(letters.values()) <= 1
     assert len({r["category"] for r in records}) == 5
+
+
+# --- options the quickstart world uses -------------------------------------------------------
+
+CLASSES = ("red circle", "blue square", "green triangle", "yellow star")
+CLASS_WORLD = SynthConfig(
+    seed=5,
+    image_size=32,
+    stage1=20,
+    stage2=120,
+    stage3=40,
+    eval_images=40,
+    objects=CLASSES,
+    question_mix=(("exist", 6), ("background", 1), ("count_all", 1)),
+    multi_turn=(1.0, 0.0),
+    rounds=(4,),
+)
+
+
+@pytest.fixture(scope="module")
+def class_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("classes") / "data"
+    generate(out, CLASS_WORLD)
+    files = {p.relative_to(out).as_posix(): json.loads(p.read_text()) for p in out.rglob("*.json")}
+    return files, {a["image"]: a for a in files["annotations.json"]}
+
+
+def test_a_fixed_object_set_is_all_that_is_drawn_or_asked_about(class_world):
+    files, annotations = class_world
+    drawn = {f"{o['colour']} {o['shape']}" for a in annotations.values() for o in a["objects"]}
+    assert drawn == set(CLASSES)
+    for category in POPE:
+        records = files[f"eval/pope_{category}.json"]
+        assert {r["object"] for r in records} <= set(CLASSES)
+        answers = Counter(r["answer"] for r in records)
+        assert answers["yes"] == answers["no"] > 0
+        for image, asked in pope_by_image(records).items():
+            present = {f"{o['colour']} {o['shape']}" for o in annotations[image]["objects"]}
+            assert asked["yes"] <= present and not asked["no"] & present
+
+
+def test_question_mix_and_rounds_shape_the_instruction_stages(class_world):
+    files, annotations = class_world
+    rounds = Counter(len(s["conversations"]) // 2 for s in files["stage2.json"])
+    # multi_turn 1.0, rounds (4,): four rounds unless an image runs out of balanced questions
+    assert set(rounds) <= {1, 2, 3, 4} and rounds[4] >= 0.8 * len(files["stage2.json"])
+    for sample in files["stage2.json"]:
+        turns = sample["conversations"]
+        questions = [read_human_turn(t["value"])[0] for t in turns[::2]]
+        assert len(set(questions)) == len(questions)  # never the same question twice
+        kinds = Counter(expected_answer(q, annotations[sample["image"]])[0] for q in questions)
+        assert set(kinds) <= {"exist", "background", "count_all"}
+        assert kinds["background"] <= 1 and kinds["count_all"] <= 1
+    assert all(len(s["conversations"]) == 2 for s in files["stage3.json"])  # multi_turn 0.0
+
+
+def test_invalid_mix_objects_and_rounds_are_named():
+    with pytest.raises(ValueError) as err:
+        SynthConfig(
+            question_mix=(("smell", 1),),
+            objects=("red circle", "pink square"),
+            rounds=(0,),
+            multi_turn=(1.5, 0.0),
+        )
+    for text in ("smell", "pink square", "rounds", "multi_turn"):
+        assert text in str(err.value)
+    with pytest.raises(ValueError, match="other than 'choice'"):
+        SynthConfig(question_mix=(("choice", 2), ("exist", 0)))

@@ -1,0 +1,96 @@
+"""Inference on moetool checkpoints (dense and sparse): loading, images shaped as in training,
+prompts in the checkpoint's chat template, batched greedy answers. Used by ``moetool predict``
+and the lmms-eval plugin."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+
+from moetool.data.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+
+
+def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu"):
+    """(model, processor) of a moetool checkpoint, through transformers' Auto classes."""
+    import torch
+    import transformers
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import moetool  # noqa: F401  (registers the sparse model)
+
+    transformers.utils.logging.disable_progress_bar()  # one answer, no loading bars
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return model.to(device).eval(), processor
+
+
+def training_aspect_ratio(config) -> str:
+    """How the checkpoint's last training stage shaped images ("pad" or "resize")."""
+    meta = getattr(config, "moetool", None) or {}
+    stages = (meta.get("recipe") or {}).get("stages") or {}
+    stage = stages.get(meta.get("stage")) or {}
+    return stage.get("image_aspect_ratio", "pad")
+
+
+def prepare_image(image, processor, aspect_ratio: str):
+    """The image as training saw it: padded to a square with the processor's mean colour, or
+    left for the processor to resize."""
+    from moetool.data.preprocess import expand_to_square
+
+    image = image.convert("RGB")
+    if aspect_ratio == "pad":
+        mean = processor.image_processor.image_mean
+        image = expand_to_square(image, tuple(int(255 * m) for m in mean))
+    return image
+
+
+def build_prompt(tokenizer, question: str, images: int) -> str:
+    """The question with one ``<image>`` per image, in the checkpoint's chat template."""
+    content = (IMAGE_TOKEN + "\n") * images + question if IMAGE_TOKEN not in question else question
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+    return content
+
+
+def printable(text: str) -> str:
+    """Drop control characters (byte-level tokens of an untrained model can decode to them; they
+    are never an answer, and lmms-eval's spreadsheet writers reject them)."""
+    return "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+
+
+def answer(
+    model,
+    processor,
+    questions: Sequence[str],
+    images: Sequence[Sequence],
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    device: str = "cpu",
+) -> list[str]:
+    """Greedy answers (KV cache) to ``questions``, the i-th about the PIL images ``images[i]``
+    (any number, none for text only), shaped as the checkpoint's last training stage did."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    aspect_ratio = training_aspect_ratio(model.config)
+    flat = [prepare_image(im, processor, aspect_ratio) for ims in images for im in ims]
+    prompts = [
+        build_prompt(tokenizer, q, len(ims)) for q, ims in zip(questions, images, strict=True)
+    ]
+    inputs = processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
+    inputs = inputs.to(device)
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=num_beams,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    texts = tokenizer.batch_decode(
+        output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
+    return [printable(t).strip() for t in texts]
