@@ -19,8 +19,19 @@ app = typer.Typer(
 @app.command("capture")
 def capture(
     model: Annotated[Path, typer.Option("--model", help="Sparse checkpoint directory.")],
-    data: Annotated[list[Path], typer.Option("--data", help="LLaVA-JSON file (repeatable).")],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            "--data",
+            help="LLaVA-JSON file (repeatable), or with --task the evaluation data directory "
+            "that `moetool eval --data` reads.",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Directory for routing.parquet/.json.")],
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="lmms-eval task of the --data directory, e.g. pope_random."),
+    ] = None,
     image_folder: Annotated[Path, typer.Option("--image-folder")] = Path("."),
     limit: Annotated[int | None, typer.Option("--limit", help="First N samples.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
@@ -33,10 +44,15 @@ def capture(
     """Record every token's experts, weights and modality in every MoE layer."""
     from moetool.data.llava_json import DataError
     from moetool.io import OutputExistsError, atomic_output_dir
-    from moetool.routing.capture import capture_from_llava_json
+    from moetool.routing.capture import capture_from_eval_data, capture_from_llava_json
 
+    if task is not None and len(data) != 1:
+        fail("--task reads one --data directory (the one `moetool eval --data` reads)")
     try:
-        result = capture_from_llava_json(model, data, image_folder, limit, batch_size, template)
+        if task is not None:
+            result = capture_from_eval_data(model, task, data[0], limit, batch_size)
+        else:
+            result = capture_from_llava_json(model, data, image_folder, limit, batch_size, template)
         with atomic_output_dir(out, overwrite) as tmp:
             result.save(tmp)
     except (ValueError, DataError, OutputExistsError, OSError) as err:

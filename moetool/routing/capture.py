@@ -130,3 +130,50 @@ def capture_from_llava_json(
         batch.pop("labels")
         batches.append(batch)
     return capture_routing(model, batches)
+
+
+def capture_from_eval_data(
+    checkpoint: str | Path,
+    task: str,
+    data: str | Path,
+    limit: int | None = None,
+    batch_size: int = 4,
+) -> RoutingCapture:
+    """Capture routing over an evaluation task's local data: ``data`` is the directory of
+    ``datasets.save_to_disk`` folders that ``moetool eval --data`` reads, ``task`` an lmms-eval
+    task it holds (e.g. ``pope_random``, ``gqa``, ``mmbench_en_dev``). Each question is asked
+    as the evaluation asks it: the checkpoint's chat template, its image preprocessing."""
+    from datasets import load_from_disk
+
+    from moetool.eval.datasets import TASK_DATA
+    from moetool.models.inference import (
+        build_prompt,
+        load_checkpoint,
+        prepare_image,
+        training_aspect_ratio,
+    )
+
+    if task not in TASK_DATA:
+        raise ValueError(f"unknown task {task!r}; tasks with local data: {', '.join(TASK_DATA)}")
+    folder, (split,) = TASK_DATA[task]
+    path = Path(data) / folder
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such dataset directory (write it with `moetool data synth`)")
+    rows = load_from_disk(str(path))[split]
+    if limit:
+        rows = rows.select(range(min(limit, len(rows))))
+    model, processor = load_checkpoint(checkpoint)
+    aspect_ratio = training_aspect_ratio(model.config)
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        questions = []
+        for i, question in enumerate(chunk["question"]):
+            options = [f"{o}. {chunk[o][i]}" for o in "ABCD" if o in chunk and chunk[o][i]]
+            questions.append("\n".join([question, *options]))
+        images = [prepare_image(image, processor, aspect_ratio) for image in chunk["image"]]
+        prompts = [build_prompt(processor.tokenizer, q, 1) for q in questions]
+        batches.append(
+            dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+        )
+    return capture_routing(model, batches)

@@ -87,3 +87,41 @@ def test_capture_stats_plot(tmp_path):
     )
     assert dense.returncode == 2 and "no MoE layers" in dense.stderr
     assert not (tmp_path / "cap2").exists()
+    # The same model over an evaluation task's local data, asked as `moetool eval` asks.
+    proc = run(
+        "routing",
+        "capture",
+        "--model",
+        str(tmp_path / "moe"),
+        "--task",
+        "pope_random",
+        "--data",
+        str(tmp_path / "data/lmms"),
+        "--limit",
+        "5",
+        "--out",
+        str(tmp_path / "cap3"),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from moetool.routing.capture import RoutingCapture
+
+    records = RoutingCapture.load(tmp_path / "cap3").records
+    assert records["sample"].nunique() == 5
+    image = records[(records["modality"] == "image") & (records["rank"] == 0)]
+    config = json.loads((tmp_path / "moe/config.json").read_text())
+    # every sample's image tokens, in every MoE layer
+    assert (image.groupby(["sample", "layer"]).size() == config["image_seq_length"]).all()
+    assert len(image.groupby(["sample", "layer"])) == 5 * 2
+    unknown = run(
+        "routing",
+        "capture",
+        "--model",
+        str(tmp_path / "moe"),
+        "--task",
+        "nope",
+        "--data",
+        str(tmp_path / "data/lmms"),
+        "--out",
+        str(tmp_path / "cap4"),
+    )
+    assert unknown.returncode == 2 and "unknown task 'nope'" in unknown.stderr
