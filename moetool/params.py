@@ -120,6 +120,8 @@ def count_model(
     layers the sparse model turns into ``num_experts`` copies of the FFN plus a bias-free router
     (hidden -> experts); activated counts keep ``top_k`` experts per MoE layer, routers included.
     """
+    from moetool.models.parts import layer_child_part
+
     seen: set[int] = set()
     hidden_size = model.config.get_text_config().hidden_size
     inner = getattr(model, "model", model)
@@ -134,20 +136,13 @@ def count_model(
     for index, layer in enumerate(layers):
         for child_name, child in layer.named_children():
             count = _numel(child, seen)
-            if child_name == "mlp":
-                if index in moe_layers:
-                    total["experts"] += num_experts * count
-                    activated["experts"] += top_k * count
-                    total["routers"] += hidden_size * num_experts
-                    activated["routers"] += hidden_size * num_experts
-                    continue
-                component = "ffn"
-            elif "Norm" in type(child).__name__:
-                component = "norms"
-            elif "Attention" in type(child).__name__ or "attn" in child_name:
-                component = "attention"
-            else:
-                component = "other"
+            component = layer_child_part(child_name, child)
+            if component == "ffn" and index in moe_layers:
+                total["experts"] += num_experts * count
+                activated["experts"] += top_k * count
+                total["routers"] += hidden_size * num_experts
+                activated["routers"] += hidden_size * num_experts
+                continue
             total[component] += count
             activated[component] += count
         own = sum(p.numel() for p in layer.parameters(recurse=False) if id(p) not in seen)

@@ -197,28 +197,55 @@ def write_eval_datasets(synth_dir: str | Path, out: str | Path) -> dict[str, int
     return counts
 
 
+def task_overrides(task: str, data: str | Path, judge: bool) -> dict:
+    """What replaces a built-in lmms-eval task's settings for local data: its data source (the
+    ``save_to_disk`` folder under ``data``), GQA's image-joining hook (images are joined
+    locally; the hook would download them) and, without a ``judge``, MM-Vet's scoring (its
+    predictions are kept with score 0.0)."""
+    folder, _ = TASK_DATA[task]
+    config: dict = {
+        "task": task,
+        "dataset_path": str(Path(data) / folder),
+        "dataset_kwargs": {"load_from_disk": True},
+    }
+    if task == "gqa":
+        config["process_docs"] = None
+    if task == "mmvet" and not judge:
+        from moetool.eval.runner import mmvet_without_judge
+
+        config["process_results"] = mmvet_without_judge
+    return config
+
+
+def _yaml_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if callable(value):
+        return f"!function {value.__module__}.{value.__name__}"
+    return str(value)
+
+
 def write_task_yamls(data: str | Path, out: str | Path, judge: bool = False) -> list[Path]:
     """Task configs for the ``lmms-eval`` command line (``--tasks DIR``): each names a built-in
-    task and replaces only its data source with the local directory. Without ``judge``, MMBench
-    is the rule-scored ``mmbench_en_dev_static`` and MM-Vet keeps predictions unscored (run it
-    with ``API_TYPE=dummy`` so that lmms-eval imports the task without credentials)."""
+    task and replaces only what ``task_overrides`` replaces. Without ``judge``, MMBench is the
+    rule-scored ``mmbench_en_dev_static`` and MM-Vet keeps predictions unscored (run it with
+    ``API_TYPE=dummy`` so that lmms-eval imports the task without credentials)."""
     data, out = Path(data).resolve(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     skip = {"pope", "mmbench_en_dev" if not judge else "mmbench_en_dev_static"}
     written = []
-    for task, (folder, _) in TASK_DATA.items():
+    for task in TASK_DATA:
         if task in skip:
             continue
-        lines = [
-            f"task: {task}",
-            f"dataset_path: {data / folder}",
-            "dataset_kwargs:",
-            "  load_from_disk: true",
-        ]
-        if task == "gqa":
-            lines.append("process_docs: null  # images are joined locally")
-        if task == "mmvet" and not judge:
-            lines.append("process_results: !function moetool.eval.runner.mmvet_without_judge")
+        lines = []
+        for key, value in task_overrides(task, data, judge).items():
+            if isinstance(value, dict):
+                lines.append(f"{key}:")
+                lines += [f"  {k}: {_yaml_value(v)}" for k, v in value.items()]
+            else:
+                lines.append(f"{key}: {_yaml_value(value)}")
         path = out / f"{task}.yaml"
         path.write_text("\n".join(lines) + "\n")
         written.append(path)

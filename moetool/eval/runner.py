@@ -111,20 +111,10 @@ def mmvet_without_judge(doc, results):
 
 def task_configs(task: str, data: Path) -> list[dict]:
     """lmms-eval dict task configs: the built-in YAML with only the data source replaced."""
-    configs = []
-    for lmms_task in lmms_tasks(task):
-        folder, _ = TASK_DATA[lmms_task]
-        config = {
-            "task": lmms_task,
-            "dataset_path": str(data / folder),
-            "dataset_kwargs": {"load_from_disk": True},
-        }
-        if lmms_task == "gqa":
-            config["process_docs"] = None  # images are joined locally; the hook would download
-        if lmms_task == "mmvet" and not judge_configured():
-            config["process_results"] = mmvet_without_judge
-        configs.append(config)
-    return configs
+    from moetool.eval.datasets import task_overrides
+
+    judge = judge_configured()
+    return [task_overrides(t, data, judge) for t in lmms_tasks(task)]
 
 
 def run_eval(

@@ -20,6 +20,18 @@ PART_UNIONS = {
 }
 
 
+def layer_child_part(name: str, child: nn.Module) -> str:
+    """The part a decoder layer's child module belongs to: "ffn" (the ``mlp``), "norms",
+    "attention" or "other". Shared by the stage policies and the parameter counts."""
+    if name == "mlp":
+        return "ffn"
+    if "Norm" in type(child).__name__:
+        return "norms"
+    if "Attention" in type(child).__name__ or "attn" in name:
+        return "attention"
+    return "other"
+
+
 def parameter_parts(model: nn.Module) -> dict[str, str]:
     """Map every parameter name of a LLaVA model (dense or sparse) to one part: vision,
     projector, embeddings, attention, ffn (dense FFN), experts, routers, norms, lm_head or
@@ -40,12 +52,8 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
             if isinstance(child, MoEBlock):
                 claim(child.router, "routers")
                 claim(child.experts, "experts")
-            elif name == "mlp":
-                claim(child, "ffn")
-            elif "Norm" in type(child).__name__:
-                claim(child, "norms")
-            elif "Attention" in type(child).__name__ or "attn" in name:
-                claim(child, "attention")
+            elif (part := layer_child_part(name, child)) != "other":
+                claim(child, part)
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             claim(module, "embeddings")
