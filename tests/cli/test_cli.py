@@ -170,7 +170,10 @@ def test_data_synth(tmp_path):
 def test_deepspeed_launcher_local_rank_is_taken_as_environment(monkeypatch):
     from moetool.cli.app import _take_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    # Set first so that monkeypatch's undo removes what _take_local_rank writes (a LOCAL_RANK
+    # left behind would make later lmms-eval runs in this process believe they are rank 3).
+    monkeypatch.setenv("LOCAL_RANK", "unset")
+    monkeypatch.delenv("LOCAL_RANK")
     args = ["instruct", "tiny/llama", "--out", "runs/x", "--local_rank=3"]
     assert _take_local_rank(args) == ["instruct", "tiny/llama", "--out", "runs/x"]
     assert os.environ["LOCAL_RANK"] == "3"
