@@ -931,29 +931,21 @@ def prepare_tokenizer(path: Path, template_name: str):
 def build_converted_processor(vision_config, tokenizer, strategy: str, vision_dir: Path | None):
     """LLaVA processor: the tower's image processor (from ``vision_dir`` when it has a
     ``preprocessor_config.json``, else the tower's standard one) and the tokenizer."""
-    from transformers import (
-        AutoImageProcessor,
-        CLIPImageProcessor,
-        LlavaProcessor,
-        SiglipImageProcessor,
-    )
+    from transformers import AutoImageProcessor
 
-    size = vision_config.image_size
-    clip = vision_config.model_type == "clip_vision_model"
+    from moetool.models.build import llava_processor
+
+    image_processor = None
     if vision_dir is not None and (vision_dir / "preprocessor_config.json").exists():
         image_processor = AutoImageProcessor.from_pretrained(str(vision_dir))
-    elif clip:
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
-    else:
-        image_processor = SiglipImageProcessor(size={"height": size, "width": size})
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vision_config.patch_size,
-        vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=1 if clip else 0,
+    tower = "clip" if vision_config.model_type == "clip_vision_model" else "siglip"
+    return llava_processor(
+        tower,
+        vision_config.image_size,
+        vision_config.patch_size,
+        tokenizer,
+        strategy,
+        image_processor,
     )
 
 

@@ -69,24 +69,38 @@ def build_meta_lvlm(config: LlavaConfig):
         return LlavaForConditionalGeneration(config)
 
 
-def build_processor(recipe: Recipe, tokenizer):
-    """LLaVA processor: the tower's image processor at the recipe's resolution + tokenizer."""
+def llava_processor(
+    tower: str,
+    image_size: int,
+    patch_size: int,
+    tokenizer,
+    strategy: str | None = None,
+    image_processor=None,
+):
+    """LLaVA processor for a ``tower`` ("clip" or "siglip"): the tower's standard image
+    processor at ``image_size`` (unless one is given) and the tokenizer. CLIP adds a CLS token
+    that the default feature strategy drops; SigLIP has none."""
     from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessor
 
-    size = recipe.vision.image_size
-    if recipe.vision.type == "clip":
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
-    else:
-        image_processor = SiglipImageProcessor(size={"height": size, "width": size})
+    clip = tower == "clip"
+    if image_processor is None and clip:
+        crop = {"height": image_size, "width": image_size}
+        image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
+    elif image_processor is None:
+        image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=recipe.vision.patch_size,
-        vision_feature_select_strategy="default" if recipe.vision.type == "clip" else "full",
-        num_additional_image_tokens=1 if recipe.vision.type == "clip" else 0,
+        patch_size=patch_size,
+        vision_feature_select_strategy=strategy or ("default" if clip else "full"),
+        num_additional_image_tokens=1 if clip else 0,
     )
+
+
+def build_processor(recipe: Recipe, tokenizer):
+    """LLaVA processor: the tower's image processor at the recipe's resolution + tokenizer."""
+    vision = recipe.vision
+    return llava_processor(vision.type, vision.image_size, vision.patch_size, tokenizer)
 
 
 def build_random_lvlm(recipe: Recipe, seed: int = 0, template: str | None = None):
