@@ -8,6 +8,10 @@ Setting (issue #3): d_model 512, FFN 2048 SwiGLU, 4096 tokens, top-2 of 4 and of
   dropless layer);
 - a Python loop over experts indexing stacked 3-D expert weights under autograd (transformers v5
   eager style).
+Also timed: the block's experts alone on the token blocks routing gave them (no router, no
+gather, no combine) -- the floor for any implementation that runs the backbone's own MLP modules,
+which shows how much of the ratio is the experts' GEMMs at their smaller size and how much is
+routing and dispatch.
 Prints JSON: median seconds per fwd+bwd, and ratios to the dense FFN (of medians, and of the
 fastest runs).
 Run with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 for steadier timings.
@@ -102,6 +106,26 @@ class CapacityEinsum(StackedExperts):
         return torch.einsum("sec,ecm->sm", combine, y)
 
 
+class ExpertsAlone(nn.Module):
+    """The block's experts on fixed, already-sorted token blocks: no routing, no dispatch."""
+
+    def __init__(self, block: MoEBlock, x: torch.Tensor):
+        super().__init__()
+        self.block = block
+        with torch.no_grad():
+            routing = block.route(x)[1]
+        self.counts = torch.bincount(
+            routing.expert_index.reshape(-1), minlength=len(block.experts)
+        ).tolist()
+        # Pre-gathered input rows (a leaf, so its gradient is computed as the block's is).
+        self.rows = x.detach().repeat(2, 1)[: sum(self.counts)].clone().requires_grad_()
+
+    def forward(self, x):
+        self.rows.grad = None
+        blocks = self.rows.split(self.counts)
+        return torch.cat([e(b) for e, b in zip(self.block.experts, blocks, strict=True)])
+
+
 def time_fwd_bwd(module: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -120,8 +144,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--experts", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--repeats", type=int, default=1, help="samples per module per round")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -142,6 +166,7 @@ def main() -> None:
         group = {
             "dense": dense,
             f"moetool_e{e}": block,
+            f"experts_alone_e{e}": ExpertsAlone(block, x),
             f"loop_stacked_e{e}": loop,
             f"capacity_einsum_e{e}": einsum,
         }

@@ -1,0 +1,80 @@
+"""The MoE-layer benchmark's reference implementations compute what the MoE block computes, so
+its timings compare equal work; and the script prints the JSON it documents."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moetool.models.moe import MoEBlock, MoEOptions
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_layer.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("moe_layer_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _pair(bench, num_experts):
+    torch.manual_seed(0)
+    dense = bench.SwiGLU(16, 32)
+    block = MoEBlock.upcycle(dense, 16, MoEOptions(num_experts=num_experts, top_k=2))
+    torch.nn.init.normal_(block.router.weight, std=0.5)
+    return dense, block
+
+
+@pytest.mark.parametrize("num_experts", [4, 16])
+def test_loop_reference_equals_block(bench, num_experts):
+    dense, block = _pair(bench, num_experts)
+    loop = bench.LoopStacked(dense, num_experts)
+    loop.router.weight.data.copy_(block.router.weight)
+    x = torch.randn(64, 16)
+    torch.testing.assert_close(loop(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_reference_equals_block_when_nothing_is_dropped(bench):
+    dense, block = _pair(bench, 4)
+    einsum = bench.CapacityEinsum(dense, 4)
+    einsum.router.weight.data.copy_(block.router.weight)
+    einsum.capacity_factor = 2.0  # capacity = all tokens: no drops
+    x = torch.randn(64, 16)
+    torch.testing.assert_close(einsum(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_experts_alone_runs_the_blocks_routing_gave(bench):
+    dense, block = _pair(bench, 4)
+    x = torch.randn(64, 16)
+    alone = bench.ExpertsAlone(block, x)
+    routed = torch.bincount(block.route(x)[1].expert_index.reshape(-1), minlength=4)
+    assert alone.counts == routed.tolist()
+    out = alone(x)
+    assert out.shape == (128, 16)
+    out.sum().backward()
+    assert all(p.grad is not None for p in block.experts.parameters())
+
+
+def test_script_prints_its_json():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *("--d-model", "16", "--ffn", "32", "--tokens", "64", "--experts", "4"),
+            *("--rounds", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = json.loads(result.stdout)
+    names = ["moetool_e4", "experts_alone_e4", "loop_stacked_e4", "capacity_einsum_e4"]
+    assert set(data["ratio_to_dense"]) == set(names)
+    assert data["setting"]["samples"] == 2
+    assert all(value > 0 for value in data["seconds_median"].values())
