@@ -363,12 +363,7 @@ def vision_config_for(official: Mapping, vision_config: str | Path | None = None
     if vision_config is not None:
         path = Path(vision_config)
         file = path / "config.json" if path.is_dir() else path
-        try:
-            data = json.loads(file.read_text())
-        except FileNotFoundError:
-            raise ConvertError(f"--vision-config: no such file {file}") from None
-        except ValueError as err:
-            raise ConvertError(f"--vision-config: {file} is not valid JSON ({err})") from None
+        data = _read_json_object(file, missing=f"--vision-config: no such file {file}")
         model_type = data.pop("model_type", None)
         if model_type not in _VISION_MODEL_TYPES:
             raise ConvertError(
@@ -986,17 +981,23 @@ class ConversionResult:
         }
 
 
-def load_official_config(src: Path) -> dict:
-    file = src / "config.json"
+def _read_json_object(file: Path, missing: str) -> dict:
+    """The JSON object in ``file``; ``missing`` is the error when the file does not exist."""
     try:
-        config = json.loads(file.read_text())
+        data = json.loads(file.read_text())
     except FileNotFoundError:
-        raise ConvertError(f"{src}: not a checkpoint directory (no config.json)") from None
+        raise ConvertError(missing) from None
     except ValueError as err:
         raise ConvertError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
+    if not isinstance(data, dict):
         raise ConvertError(f"{file}: not a JSON object")
-    return config
+    return data
+
+
+def load_official_config(src: Path) -> dict:
+    return _read_json_object(
+        src / "config.json", missing=f"{src}: not a checkpoint directory (no config.json)"
+    )
 
 
 def convert_checkpoint(

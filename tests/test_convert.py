@@ -721,6 +721,21 @@ def test_vision_config_from_the_tower_preset():
         )
 
 
+def test_unreadable_vision_config_names_the_file(tmp_path):
+    official = {"mm_image_tower": "openai/clip-vit-large-patch14-336"}
+    with pytest.raises(ConvertError, match="--vision-config: no such file"):
+        vision_config_for(official, tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConvertError, match="broken.json: not valid JSON"):
+        vision_config_for(official, broken)
+    listed = tmp_path / "vision"
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConvertError, match=r"vision/config.json: not a JSON object"):
+        vision_config_for(official, listed)
+
+
 def test_bad_sources_give_one_clear_error(tmp_path):
     options = ConvertOptions(vision_config=tmp_path / "vision-config.json")
     with pytest.raises(ConvertError, match="no such checkpoint directory"):

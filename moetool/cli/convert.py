@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moetool.cli.render import console, fail, print_json, stdout_to_stderr
+from moetool.cli.render import byte_progress, console, fail, print_json, stdout_to_stderr
 
 
 def convert(
@@ -58,8 +58,6 @@ def convert(
 ) -> None:
     """Convert a published MoE-LLaVA checkpoint (DeepSpeed MoE layout) into a moetool one that
     plain transformers loads."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
     from moetool.convert import ConvertError, ConvertOptions, convert_checkpoint
 
     options = ConvertOptions(
@@ -69,19 +67,7 @@ def convert(
         keep_capacity=keep_capacity,
         drop_lm_head_bias=drop_lm_head_bias,
     )
-    with (
-        stdout_to_stderr(as_json),
-        Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-            disable=as_json,
-        ) as bar,
-    ):
-        task = bar.add_task("converting", total=None)
+    with stdout_to_stderr(as_json), byte_progress("converting", disable=as_json) as progress:
         try:
             result = convert_checkpoint(
                 src,
@@ -89,7 +75,7 @@ def convert(
                 options,
                 source_format=source_format,
                 overwrite=overwrite,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=progress,
             )
         except ConvertError as err:
             fail(str(err))

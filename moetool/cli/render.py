@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import typer
@@ -73,3 +74,22 @@ def stdout_to_stderr(enabled: bool = True):
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+@contextlib.contextmanager
+def byte_progress(description: str, disable: bool = False) -> Iterator[Callable[[int, int], None]]:
+    """A transient bytes-written progress bar; yields the ``progress(done, total)`` callback that
+    the checkpoint writers (upcycle, convert) call."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=disable,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moetool.cli.render import console, fail, print_json
+from moetool.cli.render import byte_progress, console, fail, print_json
 
 
 def upcycle(
@@ -52,8 +52,6 @@ def upcycle(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
     """Copy each chosen FFN into E experts and add a router (exact: logits unchanged)."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
     from moetool.upcycle import UpcycleError, UpcycleOptions, upcycle_checkpoint
 
     options = UpcycleOptions(
@@ -69,23 +67,14 @@ def upcycle(
         aux_loss_coef=aux_loss_coef,
         normalize_top_k=not raw_weights,
     )
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=as_json,
-    ) as bar:
-        task = bar.add_task("upcycling", total=None)
+    with byte_progress("upcycling", disable=as_json) as progress:
         try:
             plan = upcycle_checkpoint(
                 src,
                 out,
                 options,
                 overwrite=overwrite,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=progress,
             )
         except UpcycleError as err:
             fail(str(err))
