@@ -78,3 +78,27 @@ def test_script_prints_its_json():
     assert set(data["ratio_to_dense"]) == set(names)
     assert data["setting"]["samples"] == 2
     assert all(value > 0 for value in data["seconds_median"].values())
+
+
+def test_expert_gemms_script_prints_its_json():
+    script = SCRIPT.parent / "expert_gemms.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            *("--d-model", "16", "--ffn", "32", "--tokens", "64", "--experts", "4"),
+            *("--rounds", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    data = json.loads(result.stdout)
+    assert data["setting"]["rows_per_expert"] == 32  # top-2: 2 x 64 tokens over 4 experts
+    assert set(data["ratio_to_dense"]) == {
+        "gemms_experts_distinct",
+        "gemms_experts_shared",
+        "modules_experts_distinct",
+        "modules_experts_shared",
+    }
+    assert all(value > 0 for value in data["seconds_median"].values())
