@@ -2,12 +2,15 @@
 preset), at batch 1 and 8, in one run. Prints JSON.
 
 Both models answer the same synthetic POPE questions with the plugin's own prompt building and
-batched greedy generation (KV cache), as `moetool eval pope` runs them.
+batched greedy generation (KV cache), as `moetool eval pope` runs them. The sparse model is also
+timed with every expert called on every step (``moe_every_expert``), as it ran before experts
+without tokens were skipped in inference.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -65,6 +68,17 @@ def main() -> None:
             runs.append(len(questions) / (time.perf_counter() - start))
         return statistics.median(runs)
 
+    from moetool.models.moe import MoEBlock
+
+    @contextlib.contextmanager
+    def every_expert_called():
+        saved = MoEBlock._may_skip_empty_experts
+        MoEBlock._may_skip_empty_experts = lambda self: False
+        try:
+            yield
+        finally:
+            MoEBlock._may_skip_empty_experts = saved
+
     result = {
         "preset": args.preset,
         "samples": len(questions),
@@ -74,10 +88,14 @@ def main() -> None:
     for batch in (1, 8):
         dense = throughput(work / "dense", batch)
         sparse = throughput(work / "moe", batch)
+        with every_expert_called():
+            every = throughput(work / "moe", batch)
         result["samples_per_s"][f"batch_{batch}"] = {
             "dense": dense,
             "moe": sparse,
+            "moe_every_expert": every,
             "moe_over_dense": sparse / dense,
+            "moe_every_expert_over_dense": every / dense,
         }
     print(json.dumps(result, indent=2))
 

@@ -105,9 +105,22 @@ class MoEBlock(nn.Module):
                 self._mask(self.image_mask, hidden.shape[0]),
             )
         out = dispatch_combine(
-            hidden, routing.expert_index, routing.combine_weight, self.experts, routing.keep
+            hidden,
+            routing.expert_index,
+            routing.combine_weight,
+            self.experts,
+            routing.keep,
+            skip_empty=self._may_skip_empty_experts(),
         )
         return out.reshape(shape)
+
+    def _may_skip_empty_experts(self) -> bool:
+        """Without autograd, experts that got no tokens need not run -- unless DeepSpeed ZeRO-3
+        partitions the parameters: every rank must then call every expert, whose forward
+        gathers its parameters collectively."""
+        if torch.is_grad_enabled():
+            return False
+        return not any(hasattr(p, "ds_id") for p in self.experts[0].parameters())
 
     @staticmethod
     def _mask(mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:

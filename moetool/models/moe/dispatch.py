@@ -12,13 +12,16 @@ def dispatch_combine(
     combine_weight: torch.Tensor,
     experts: nn.ModuleList,
     keep: torch.Tensor | None = None,
+    skip_empty: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_j combine_weight[t, j] * experts[expert_index[t, j]](hidden[t])``.
 
     Assignments are sorted by expert so that every expert module is called once on a
     contiguous block (one GEMM per projection per expert); results are weighted and summed back
     with one index_add. Dropped assignments (``keep`` False) contribute nothing. Every expert is
-    called, with an empty block if it got no tokens, so all parameters stay in the graph.
+    called, with an empty block if it got no tokens, so all parameters stay in the graph (and
+    every rank takes part in ZeRO-3's parameter gathering); ``skip_empty`` leaves experts without
+    tokens out, for inference where neither matters (one decoded token reaches k of E experts).
     """
     num_tokens, top_k = expert_index.shape
     flat_expert = expert_index.reshape(-1)
@@ -35,6 +38,13 @@ def dispatch_combine(
     sorted_token = flat_token[order]
     counts = torch.bincount(flat_expert, minlength=len(experts)).tolist()
     blocks = hidden.index_select(0, sorted_token).split(counts)
-    expert_out = torch.cat([expert(block) for expert, block in zip(experts, blocks, strict=True)])
+    outputs = [
+        expert(block)
+        for expert, block, count in zip(experts, blocks, counts, strict=True)
+        if count or not skip_empty
+    ]
+    if not outputs:  # nothing routed (every assignment dropped, or no tokens)
+        return torch.zeros_like(hidden)
+    expert_out = torch.cat(outputs)
     expert_out = expert_out * flat_weight[order].to(expert_out.dtype).unsqueeze(-1)
     return torch.zeros_like(hidden).index_add_(0, sorted_token, expert_out)

@@ -111,3 +111,49 @@ def test_capacity_applies_in_training_only_by_default():
     assert block.eval().capacity(100) is None
     block = MoEBlock.upcycle(TwoLayer(), 16, MoEOptions(4, 2, eval_capacity_factor=2.0))
     assert block.eval().capacity(100) == 100
+
+
+def _calls(block):
+    """Count each expert's forward calls."""
+    calls = [0] * len(block.experts)
+    for i, expert in enumerate(block.experts):
+        expert.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
+def _one_token_block():
+    torch.manual_seed(3)
+    block = MoEBlock.upcycle(Gated(), 16, MoEOptions(num_experts=8, top_k=2))
+    nn.init.normal_(block.router.weight, std=1.0)
+    return block.eval(), torch.randn(1, 1, 16)  # one decoded token: 2 of 8 experts
+
+
+def test_inference_skips_experts_without_tokens_and_gives_the_same_output():
+    block, x = _one_token_block()
+    calls = _calls(block)
+    with_grad = block(x)
+    assert calls == [1] * 8  # autograd: every expert stays in the graph
+    with torch.no_grad():
+        without_grad = block(x)
+    assert sum(c == 2 for c in calls) == 2  # only the token's two experts ran again
+    torch.testing.assert_close(without_grad, with_grad, atol=0, rtol=0)
+
+
+def test_inference_calls_every_expert_under_zero3_partitioning():
+    block, x = _one_token_block()
+    for p in block.parameters():
+        p.ds_id = 0  # what deepspeed.zero.Init leaves on partitioned parameters
+    calls = _calls(block)
+    with torch.no_grad():
+        block(x)
+    assert calls == [1] * 8
+
+
+def test_dispatch_with_every_assignment_dropped_is_zero():
+    experts = nn.ModuleList(Gated() for _ in range(3))
+    x = torch.randn(4, 16)
+    idx = torch.zeros(4, 2, dtype=torch.long)
+    keep = torch.zeros(4, 2, dtype=torch.bool)
+    with torch.no_grad():
+        out = dispatch_combine(x, idx, torch.ones(4, 2), experts, keep, skip_empty=True)
+    assert torch.equal(out, torch.zeros_like(x))
