@@ -3,8 +3,8 @@ preset), at batch 1 and 8, in one run. Prints JSON.
 
 Both models answer the same synthetic POPE questions with the plugin's own prompt building and
 batched greedy generation (KV cache), as `moetool eval pope` runs them. The sparse model is also
-timed with every expert called on every step (``moe_every_expert``), as it ran before experts
-without tokens were skipped in inference.
+timed as it decoded before experts without tokens were skipped and router losses left out of
+decoding (``moe_as_before``). Cases take turns pass by pass.
 """
 
 from __future__ import annotations
@@ -45,12 +45,23 @@ def main() -> None:
     upcycle_checkpoint(work / "dense", work / "moe", UpcycleOptions(router_std=0.5))
     questions = json.loads((work / "data/eval/pope_random.json").read_text())[: args.samples]
 
-    def throughput(path: Path, batch: int) -> float:
-        model, processor = load_checkpoint(str(path))
+    from moetool.models.moe import MoEBlock
+
+    @contextlib.contextmanager
+    def as_before(enabled: bool):
+        """Decoding as it ran before: every expert called, router losses computed."""
+        saved = MoEBlock._may_skip_empty_experts
+        if enabled:
+            MoEBlock._may_skip_empty_experts = lambda self: False
+        try:
+            yield {"router_losses": True} if enabled else {}
+        finally:
+            MoEBlock._may_skip_empty_experts = saved
+
+    def one_pass(model, processor, batch: int, before: bool) -> float:
         tokenizer = processor.tokenizer
-        runs = []
-        for _ in range(args.rounds):
-            start = time.perf_counter()
+        start = time.perf_counter()
+        with as_before(before) as extra:
             for i in range(0, len(questions), batch):
                 chunk = questions[i : i + batch]
                 images = [Image.open(work / "data" / q["image"]).convert("RGB") for q in chunk]
@@ -59,26 +70,20 @@ def main() -> None:
                 with torch.no_grad():
                     model.generate(
                         **inputs,
+                        **extra,
                         max_new_tokens=args.max_new_tokens,
                         do_sample=False,
                         min_new_tokens=args.max_new_tokens,
                         use_cache=True,
                         pad_token_id=tokenizer.pad_token_id,
                     )
-            runs.append(len(questions) / (time.perf_counter() - start))
-        return statistics.median(runs)
+        return len(questions) / (time.perf_counter() - start)
 
-    from moetool.models.moe import MoEBlock
-
-    @contextlib.contextmanager
-    def every_expert_called():
-        saved = MoEBlock._may_skip_empty_experts
-        MoEBlock._may_skip_empty_experts = lambda self: False
-        try:
-            yield
-        finally:
-            MoEBlock._may_skip_empty_experts = saved
-
+    models = {
+        "dense": load_checkpoint(str(work / "dense")),
+        "moe": load_checkpoint(str(work / "moe")),
+    }
+    cases = {"dense": ("dense", False), "moe": ("moe", False), "moe_as_before": ("moe", True)}
     result = {
         "preset": args.preset,
         "samples": len(questions),
@@ -86,18 +91,48 @@ def main() -> None:
         "samples_per_s": {},
     }
     for batch in (1, 8):
-        dense = throughput(work / "dense", batch)
-        sparse = throughput(work / "moe", batch)
-        with every_expert_called():
-            every = throughput(work / "moe", batch)
+        runs: dict[str, list[float]] = {name: [] for name in cases}
+        for which, before in cases.values():  # warm-up
+            one_pass(*models[which], batch, before)
+        for _ in range(args.rounds):  # interleaved, so drift falls on every case alike
+            for name, (which, before) in cases.items():
+                runs[name].append(one_pass(*models[which], batch, before))
+        median = {name: statistics.median(r) for name, r in runs.items()}
         result["samples_per_s"][f"batch_{batch}"] = {
-            "dense": dense,
-            "moe": sparse,
-            "moe_every_expert": every,
-            "moe_over_dense": sparse / dense,
-            "moe_every_expert_over_dense": every / dense,
+            **median,
+            "moe_over_dense": median["moe"] / median["dense"],
+            "moe_as_before_over_dense": median["moe_as_before"] / median["dense"],
         }
+    result["moe_block_one_token_us"] = block_decode_us(models["moe"][0], args.rounds)
     print(json.dumps(result, indent=2))
+
+
+def block_decode_us(model, rounds: int, calls: int = 500) -> dict[str, float]:
+    """Microseconds per forward of one MoE block on one decoded token, now and as before
+    (every expert called, router losses computed), interleaved."""
+    from moetool.models.moe import MoEBlock
+
+    block = model.moe_blocks()[0]
+    x = torch.randn(1, 1, block.router.in_features)
+    skip = MoEBlock._may_skip_empty_experts
+
+    def timed(before: bool) -> float:
+        block.compute_losses = before
+        block._may_skip_empty_experts = (lambda: False) if before else skip.__get__(block)
+        with torch.no_grad():
+            start = time.perf_counter()
+            for _ in range(calls):
+                block(x)
+        return (time.perf_counter() - start) / calls * 1e6
+
+    runs: dict[str, list[float]] = {"now": [], "as_before": []}
+    for _ in range(rounds + 1):
+        runs["now"].append(timed(False))
+        runs["as_before"].append(timed(True))
+    del block._may_skip_empty_experts
+    block.compute_losses = True
+    median = {name: statistics.median(r[1:]) for name, r in runs.items()}  # first: warm-up
+    return {**median, "now_over_before": median["now"] / median["as_before"]}
 
 
 if __name__ == "__main__":

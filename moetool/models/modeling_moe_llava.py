@@ -67,10 +67,27 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
             block.record_routing = enabled
             block.last_routing = None
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # Decoding needs no router losses (as transformers' MoE models leave out their aux loss
+        # unless asked); generate(..., router_losses=True) still computes them.
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        inputs.setdefault("router_losses", False)
+        return inputs
+
     def forward(
-        self, input_ids=None, pixel_values=None, attention_mask=None, *args, labels=None, **kwargs
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        *args,
+        labels=None,
+        router_losses: bool = True,
+        **kwargs,
     ):
+        """LLaVA's forward, plus the router losses (``aux_loss``, ``z_loss``) summed over MoE
+        layers; ``router_losses=False`` leaves them out (None) unless labels are given."""
         blocks = self.moe_blocks()
+        router_losses = router_losses or labels is not None
         num_tokens = None
         token_mask = image_mask = None
         if input_ids is not None:
@@ -84,11 +101,12 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # forward during backward and must see the same masks.
         for block in blocks:
             block.token_mask, block.image_mask = token_mask, image_mask
+            block.compute_losses = router_losses
         out = super().forward(
             input_ids, pixel_values, attention_mask, *args, labels=labels, **kwargs
         )
-        aux = sum(b.aux_loss for b in blocks) if blocks else None
-        z = sum(b.z_loss for b in blocks) if blocks else None
+        aux = sum(b.aux_loss for b in blocks) if blocks and router_losses else None
+        z = sum(b.z_loss for b in blocks) if blocks and router_losses else None
         loss = out.loss
         if loss is not None and blocks:
             loss = loss + self.config.moe["aux_loss_coef"] * aux

@@ -111,6 +111,28 @@ def test_loss_is_lm_plus_alpha_aux_and_save_load_round_trip(dense_checkpoints, t
         )
 
 
+def test_router_losses_are_left_out_of_decoding_only(dense_checkpoints, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    upcycle_checkpoint(dense_checkpoints["llama"], tmp_path / "s", UpcycleOptions(router_std=1.0))
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").eval()
+    ids, pixels, mask = make_inputs(model.config)
+    kwargs = dict(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    with torch.no_grad():
+        full = model(**kwargs)
+        bare = model(**kwargs, router_losses=False)
+        labelled = model(**kwargs, labels=ids, router_losses=False)
+    assert full.aux_loss is not None and full.z_loss is not None
+    assert bare.aux_loss is None and bare.z_loss is None
+    assert torch.equal(bare.logits, full.logits)
+    torch.testing.assert_close(labelled.aux_loss, full.aux_loss)  # training always has them
+    generate = dict(kwargs, max_new_tokens=4, do_sample=False)
+    tokens = model.generate(**generate)
+    assert all(block.aux_loss is None for block in model.moe_blocks())
+    assert torch.equal(model.generate(**generate, router_losses=True), tokens)
+    assert all(block.aux_loss is not None for block in model.moe_blocks())
+
+
 def test_routing_records_mark_image_tokens(dense_checkpoints, tmp_path):
     from transformers import AutoModelForImageTextToText
 

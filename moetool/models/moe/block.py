@@ -41,7 +41,8 @@ class MoEBlock(nn.Module):
 
     The router is ``Linear(hidden, E, bias=False)`` computed in fp32 (Eq. 5); each token goes to
     its top-k experts (Eq. 6). After each forward, ``aux_loss`` holds the layer's Switch
-    load-balancing loss (Eq. 9-11) and ``z_loss`` the router z-loss; with ``record_routing`` set,
+    load-balancing loss (Eq. 9-11) and ``z_loss`` the router z-loss (None when ``compute_losses``
+    is off, as the model sets it for decoding); with ``record_routing`` set,
     ``last_routing`` holds a ``RoutingRecord``. The model sets ``token_mask`` and ``image_mask``
     (batch x sequence) before each forward and leaves them until the next one, so that a
     gradient-checkpointing recomputation sees the same masks.
@@ -56,6 +57,7 @@ class MoEBlock(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
+        self.compute_losses = True  # the model turns it off for decoding
         self.record_routing = False
         self.last_routing: RoutingRecord | None = None
         self.token_mask: torch.Tensor | None = None
@@ -93,8 +95,11 @@ class MoEBlock(nn.Module):
         hidden = hidden_states.reshape(-1, shape[-1])
         logits, routing = self.route(hidden)
         mask = self._mask(self.token_mask, hidden.shape[0])
-        self.aux_loss = load_balancing_loss(routing.probs, routing.expert_index, mask)
-        self.z_loss = router_z_loss(logits, mask)
+        if self.compute_losses:
+            self.aux_loss = load_balancing_loss(routing.probs, routing.expert_index, mask)
+            self.z_loss = router_z_loss(logits, mask)
+        else:
+            self.aux_loss = self.z_loss = None
         if self.record_routing:
             self.last_routing = RoutingRecord(
                 routing.expert_index.detach().cpu(),

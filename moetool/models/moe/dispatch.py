@@ -21,9 +21,12 @@ def dispatch_combine(
     with one index_add. Dropped assignments (``keep`` False) contribute nothing. Every expert is
     called, with an empty block if it got no tokens, so all parameters stay in the graph (and
     every rank takes part in ZeRO-3's parameter gathering); ``skip_empty`` leaves experts without
-    tokens out, for inference where neither matters (one decoded token reaches k of E experts).
+    tokens out, for inference where neither matters (one decoded token reaches k of E experts,
+    which are then called directly).
     """
     num_tokens, top_k = expert_index.shape
+    if skip_empty and num_tokens == 1:
+        return _one_token(hidden, expert_index, combine_weight, experts, keep)
     flat_expert = expert_index.reshape(-1)
     flat_token = torch.arange(num_tokens, device=hidden.device).repeat_interleave(top_k)
     flat_weight = combine_weight.reshape(-1)
@@ -48,3 +51,14 @@ def dispatch_combine(
     expert_out = torch.cat(outputs)
     expert_out = expert_out * flat_weight[order].to(expert_out.dtype).unsqueeze(-1)
     return torch.zeros_like(hidden).index_add_(0, sorted_token, expert_out)
+
+
+def _one_token(hidden, expert_index, combine_weight, experts, keep) -> torch.Tensor:
+    """Decoding one token: its k experts called directly, none of the sort/gather/scatter."""
+    out = None
+    for slot, expert in enumerate(expert_index[0].tolist()):
+        if keep is not None and not bool(keep[0, slot]):
+            continue
+        y = experts[expert](hidden) * combine_weight[0, slot].to(hidden.dtype)
+        out = y if out is None else out + y
+    return torch.zeros_like(hidden) if out is None else out

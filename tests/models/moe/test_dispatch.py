@@ -157,3 +157,20 @@ def test_dispatch_with_every_assignment_dropped_is_zero():
     with torch.no_grad():
         out = dispatch_combine(x, idx, torch.ones(4, 2), experts, keep, skip_empty=True)
     assert torch.equal(out, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize(("top_k", "capacity"), [(1, None), (2, None), (3, None), (2, 1)])
+def test_one_token_inference_path_equals_the_sorted_dispatch(top_k, capacity):
+    torch.manual_seed(5)
+    experts = nn.ModuleList(TwoLayer() for _ in range(6))
+    x = torch.randn(1, 16)
+    r = route(torch.randn(1, 6), top_k, capacity=capacity)
+    keep = r.keep if capacity is None else torch.tensor([[True, False]])
+    with torch.no_grad():
+        fast = dispatch_combine(x, r.expert_index, r.combine_weight, experts, keep, skip_empty=True)
+        plain = dispatch_combine(x, r.expert_index, r.combine_weight, experts, keep)
+        ref = reference_moe(x, r.expert_index, r.combine_weight, experts, keep)
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
+    if top_k <= 2:  # two terms add in either order to the same bits
+        assert torch.equal(fast, plain)

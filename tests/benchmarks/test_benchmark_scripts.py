@@ -1,8 +1,10 @@
-"""The MoE-layer benchmark's reference implementations compute what the MoE block computes, so
-its timings compare equal work; and the script prints the JSON it documents."""
+"""The benchmark scripts run and print the JSON they document, and the MoE-layer benchmark's
+reference implementations compute what the MoE block computes (so its timings compare equal
+work)."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +104,23 @@ def test_expert_gemms_script_prints_its_json():
         "modules_experts_shared",
     }
     assert all(value > 0 for value in data["seconds_median"].values())
+
+
+def test_eval_throughput_script_prints_its_json():
+    script = SCRIPT.parent / "eval_throughput.py"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            *("--samples", "2", "--max-new-tokens", "2", "--rounds", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    data = json.loads(result.stdout)
+    for batch in ("batch_1", "batch_8"):
+        assert set(data["samples_per_s"][batch]) >= {"dense", "moe", "moe_as_before"}
+    block = data["moe_block_one_token_us"]
+    assert block["now"] > 0 and block["as_before"] > 0
