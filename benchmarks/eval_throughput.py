@@ -20,6 +20,21 @@ from pathlib import Path
 import torch
 
 
+@contextlib.contextmanager
+def as_before(enabled: bool = True):
+    """Decoding as it ran before: every expert called (no one-token path), router losses
+    computed. Yields the extra ``generate`` arguments that asks for."""
+    from moetool.models.moe import MoEBlock
+
+    saved = MoEBlock._may_skip_empty_experts
+    if enabled:
+        MoEBlock._may_skip_empty_experts = lambda self: False
+    try:
+        yield {"router_losses": True} if enabled else {}
+    finally:
+        MoEBlock._may_skip_empty_experts = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny-llama")
@@ -44,19 +59,6 @@ def main() -> None:
     save_checkpoint(model, processor, work / "dense")
     upcycle_checkpoint(work / "dense", work / "moe", UpcycleOptions(router_std=0.5))
     questions = json.loads((work / "data/eval/pope_random.json").read_text())[: args.samples]
-
-    from moetool.models.moe import MoEBlock
-
-    @contextlib.contextmanager
-    def as_before(enabled: bool):
-        """Decoding as it ran before: every expert called, router losses computed."""
-        saved = MoEBlock._may_skip_empty_experts
-        if enabled:
-            MoEBlock._may_skip_empty_experts = lambda self: False
-        try:
-            yield {"router_losses": True} if enabled else {}
-        finally:
-            MoEBlock._may_skip_empty_experts = saved
 
     def one_pass(model, processor, batch: int, before: bool) -> float:
         tokenizer = processor.tokenizer
@@ -108,18 +110,14 @@ def main() -> None:
 
 
 def block_decode_us(model, rounds: int, calls: int = 500) -> dict[str, float]:
-    """Microseconds per forward of one MoE block on one decoded token, now and as before
-    (every expert called, router losses computed), interleaved."""
-    from moetool.models.moe import MoEBlock
-
+    """Microseconds per forward of one MoE block on one decoded token, now and as before,
+    interleaved."""
     block = model.moe_blocks()[0]
     x = torch.randn(1, 1, block.router.in_features)
-    skip = MoEBlock._may_skip_empty_experts
 
     def timed(before: bool) -> float:
-        block.compute_losses = before
-        block._may_skip_empty_experts = (lambda: False) if before else skip.__get__(block)
-        with torch.no_grad():
+        block.compute_losses = before  # what router_losses sets in the model's forward
+        with as_before(before), torch.no_grad():
             start = time.perf_counter()
             for _ in range(calls):
                 block(x)
@@ -129,7 +127,6 @@ def block_decode_us(model, rounds: int, calls: int = 500) -> dict[str, float]:
     for _ in range(rounds + 1):
         runs["now"].append(timed(False))
         runs["as_before"].append(timed(True))
-    del block._may_skip_empty_experts
     block.compute_losses = True
     median = {name: statistics.median(r[1:]) for name, r in runs.items()}  # first: warm-up
     return {**median, "now_over_before": median["now"] / median["as_before"]}

@@ -4,7 +4,6 @@ work)."""
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,19 +62,22 @@ def test_experts_alone_runs_the_blocks_routing_gave(bench):
     assert all(p.grad is not None for p in block.experts.parameters())
 
 
-def test_script_prints_its_json():
+def run_json(script: str, *args: str) -> dict:
+    """Run a benchmark script (environment inherited: offline) and parse what it prints."""
     result = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            *("--d-model", "16", "--ffn", "32", "--tokens", "64", "--experts", "4"),
-            *("--rounds", "2"),
-        ],
+        [sys.executable, str(SCRIPT.parent / script), *args],
         capture_output=True,
         text=True,
         check=True,
     )
-    data = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+TINY_LAYER = ("--d-model", "16", "--ffn", "32", "--tokens", "64", "--experts", "4", "--rounds", "2")
+
+
+def test_moe_layer_script_prints_its_json():
+    data = run_json("moe_layer.py", *TINY_LAYER)
     names = ["moetool_e4", "experts_alone_e4", "loop_stacked_e4", "capacity_einsum_e4"]
     assert set(data["ratio_to_dense"]) == set(names)
     assert data["setting"]["samples"] == 2
@@ -83,19 +85,7 @@ def test_script_prints_its_json():
 
 
 def test_expert_gemms_script_prints_its_json():
-    script = SCRIPT.parent / "expert_gemms.py"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            *("--d-model", "16", "--ffn", "32", "--tokens", "64", "--experts", "4"),
-            *("--rounds", "2"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    data = json.loads(result.stdout)
+    data = run_json("expert_gemms.py", *TINY_LAYER)
     assert data["setting"]["rows_per_expert"] == 32  # top-2: 2 x 64 tokens over 4 experts
     assert set(data["ratio_to_dense"]) == {
         "gemms_experts_distinct",
@@ -107,19 +97,9 @@ def test_expert_gemms_script_prints_its_json():
 
 
 def test_eval_throughput_script_prints_its_json():
-    script = SCRIPT.parent / "eval_throughput.py"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            *("--samples", "2", "--max-new-tokens", "2", "--rounds", "1"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    data = run_json(
+        "eval_throughput.py", "--samples", "2", "--max-new-tokens", "2", "--rounds", "1"
     )
-    data = json.loads(result.stdout)
     for batch in ("batch_1", "batch_8"):
         assert set(data["samples_per_s"][batch]) >= {"dense", "moe", "moe_as_before"}
     block = data["moe_block_one_token_us"]
