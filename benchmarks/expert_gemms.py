@@ -18,8 +18,7 @@ import statistics
 import time
 
 import torch
-from moe_layer import SwiGLU, time_fwd_bwd
-from torch import nn
+from moe_layer import ExpertsAlone, SwiGLU, time_fwd_bwd
 
 
 def gemm_operands(rows: int, d_model: int, ffn: int) -> dict[str, torch.Tensor]:
@@ -47,20 +46,6 @@ def swiglu_gemms(a: dict[str, torch.Tensor], w: dict[str, torch.Tensor]) -> None
         torch.mm(a["dh"].t(), a["x"])
 
 
-class ExpertModules(nn.Module):
-    """The experts' modules, each on its own block of rows (autograd, element-wise ops)."""
-
-    def __init__(self, experts: list[nn.Module], rows: int, d_model: int):
-        super().__init__()
-        self.experts = nn.ModuleList(experts)
-        self.rows = torch.randn(rows * len(experts), d_model, requires_grad=True)
-
-    def forward(self, x):
-        self.rows.grad = None
-        blocks = self.rows.split(self.rows.shape[0] // len(self.experts))
-        return torch.cat([e(b) for e, b in zip(self.experts, blocks, strict=True)])
-
-
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -86,8 +71,9 @@ def main() -> None:
     shared_w = [dense_w] * e
     x = torch.randn(args.tokens, d, requires_grad=True)
     dense = SwiGLU(d, f)
-    distinct = ExpertModules([SwiGLU(d, f) for _ in range(e)], rows, d)
-    shared = ExpertModules([dense] * e, rows, d)
+    blocks, block_rows = [rows] * e, torch.randn(rows * e, d)
+    distinct = ExpertsAlone([SwiGLU(d, f) for _ in range(e)], blocks, block_rows)
+    shared = ExpertsAlone([dense] * e, blocks, block_rows)
     cases = {
         "gemms_dense": lambda: swiglu_gemms(dense_ops, dense_w),
         "gemms_experts_distinct": lambda: [

@@ -107,23 +107,27 @@ class CapacityEinsum(StackedExperts):
 
 
 class ExpertsAlone(nn.Module):
-    """The block's experts on fixed, already-sorted token blocks: no routing, no dispatch."""
+    """Expert modules on fixed, already-sorted blocks of rows: no routing, no dispatch."""
 
-    def __init__(self, block: MoEBlock, x: torch.Tensor):
+    def __init__(self, experts: list[nn.Module], counts: list[int], rows: torch.Tensor):
         super().__init__()
-        self.block = block
+        self.experts = nn.ModuleList(experts)
+        self.counts = counts
+        # Pre-gathered input rows (a leaf, so its gradient is computed as the block's is).
+        self.rows = rows.detach()[: sum(counts)].clone().requires_grad_()
+
+    @classmethod
+    def routed(cls, block: MoEBlock, x: torch.Tensor) -> ExpertsAlone:
+        """The block's experts on the token blocks its routing gives ``x``."""
         with torch.no_grad():
             routing = block.route(x)[1]
-        self.counts = torch.bincount(
-            routing.expert_index.reshape(-1), minlength=len(block.experts)
-        ).tolist()
-        # Pre-gathered input rows (a leaf, so its gradient is computed as the block's is).
-        self.rows = x.detach().repeat(2, 1)[: sum(self.counts)].clone().requires_grad_()
+        counts = torch.bincount(routing.expert_index.reshape(-1), minlength=len(block.experts))
+        return cls(list(block.experts), counts.tolist(), x.repeat(2, 1))  # top-2: 2 rows a token
 
     def forward(self, x):
         self.rows.grad = None
         blocks = self.rows.split(self.counts)
-        return torch.cat([e(b) for e, b in zip(self.block.experts, blocks, strict=True)])
+        return torch.cat([e(b) for e, b in zip(self.experts, blocks, strict=True)])
 
 
 def time_fwd_bwd(module: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
@@ -166,7 +170,7 @@ def main() -> None:
         group = {
             "dense": dense,
             f"moetool_e{e}": block,
-            f"experts_alone_e{e}": ExpertsAlone(block, x),
+            f"experts_alone_e{e}": ExpertsAlone.routed(block, x),
             f"loop_stacked_e{e}": loop,
             f"capacity_einsum_e{e}": einsum,
         }

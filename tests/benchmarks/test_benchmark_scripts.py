@@ -53,7 +53,7 @@ def test_capacity_reference_equals_block_when_nothing_is_dropped(bench):
 def test_experts_alone_runs_the_blocks_routing_gave(bench):
     dense, block = _pair(bench, 4)
     x = torch.randn(64, 16)
-    alone = bench.ExpertsAlone(block, x)
+    alone = bench.ExpertsAlone.routed(block, x)
     routed = torch.bincount(block.route(x)[1].expert_index.reshape(-1), minlength=4)
     assert alone.counts == routed.tolist()
     out = alone(x)
