@@ -1,8 +1,9 @@
 """POPE generation throughput (samples/s) of a sparse model against its dense parent (same tiny
 preset), at batch 1 and 8, in one run. Prints JSON.
 
-Both models answer the same synthetic POPE questions with the plugin's own prompt building and
-batched greedy generation (KV cache), as `moetool eval pope` runs them. The sparse model is also
+Both models answer the same synthetic POPE questions through ``moetool.models.inference.answer``
+(prompt building, image padding, batched greedy generation with KV cache), as `moetool eval pope`
+runs them, with a fixed number of new tokens per sample. The sparse model is also
 timed as it decoded before experts without tokens were skipped and router losses left out of
 decoding (``moe_as_before``). Cases take turns pass by pass.
 """
@@ -48,8 +49,8 @@ def main() -> None:
     from PIL import Image
 
     from moetool.data.synth import SynthConfig, generate
-    from moetool.eval.lmms_model import build_prompt, load_checkpoint
     from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.models.inference import answer, load_checkpoint
     from moetool.models.presets import preset_recipe
     from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
 
@@ -61,24 +62,18 @@ def main() -> None:
     questions = json.loads((work / "data/eval/pope_random.json").read_text())[: args.samples]
 
     def one_pass(model, processor, batch: int, before: bool) -> float:
-        tokenizer = processor.tokenizer
         start = time.perf_counter()
         with as_before(before) as extra:
             for i in range(0, len(questions), batch):
                 chunk = questions[i : i + batch]
-                images = [Image.open(work / "data" / q["image"]).convert("RGB") for q in chunk]
-                prompts = [build_prompt(tokenizer, q["question"], 1) for q in chunk]
-                inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
-                with torch.no_grad():
-                    model.generate(
-                        **inputs,
-                        **extra,
-                        max_new_tokens=args.max_new_tokens,
-                        do_sample=False,
-                        min_new_tokens=args.max_new_tokens,
-                        use_cache=True,
-                        pad_token_id=tokenizer.pad_token_id,
-                    )
+                answer(
+                    model,
+                    processor,
+                    [q["question"] for q in chunk],
+                    [[Image.open(work / "data" / q["image"])] for q in chunk],
+                    max_new_tokens=args.max_new_tokens,
+                    generate_kwargs={"min_new_tokens": args.max_new_tokens, **extra},
+                )
         return len(questions) / (time.perf_counter() - start)
 
     models = {

@@ -68,9 +68,11 @@ def answer(
     max_new_tokens: int = 32,
     num_beams: int = 1,
     device: str = "cpu",
+    generate_kwargs: dict | None = None,
 ) -> list[str]:
     """Greedy answers (KV cache) to ``questions``, the i-th about the PIL images ``images[i]``
-    (any number, none for text only), shaped as the checkpoint's last training stage did."""
+    (any number, none for text only), shaped as the checkpoint's last training stage did.
+    ``generate_kwargs`` go to ``model.generate`` as well (e.g. ``min_new_tokens``)."""
     import torch
 
     tokenizer = processor.tokenizer
@@ -89,6 +91,7 @@ def answer(
             num_beams=num_beams,
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
+            **(generate_kwargs or {}),
         )
     texts = tokenizer.batch_decode(
         output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
