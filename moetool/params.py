@@ -195,6 +195,39 @@ class ParamReport:
     paper_consistent: bool | None = None
     note: str = ""
 
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        dims: Eq12Dims,
+        exact: ExactCount,
+        moe_layers: tuple[int, ...],
+        paper_row: Table8Row | None = None,
+        recipe: str | None = None,
+    ) -> ParamReport:
+        """The row for a model of ``dims`` counted exactly as ``exact`` (dense when
+        ``moe_layers`` is empty), with the paper's figures when it is a Table 8 row."""
+        formula_total, formula_activated = formula_counts(dims)
+        return cls(
+            name=name,
+            paper_total_b=paper_row.total_b if paper_row else None,
+            paper_activated_b=paper_row.activated_b if paper_row else None,
+            formula_total=formula_total,
+            formula_activated=formula_activated,
+            exact_total=exact.total_params,
+            exact_activated=exact.activated_params,
+            vision_params=exact.vision,
+            projector_params=exact.projector,
+            components=exact.total,
+            activated_components=exact.activated,
+            moe_layers=list(moe_layers),
+            num_experts=dims.experts if moe_layers else None,
+            top_k=dims.top_k if moe_layers else None,
+            recipe=recipe,
+            paper_consistent=paper_row.consistent if paper_row else None,
+            note=paper_row.note if paper_row else "",
+        )
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -257,27 +290,13 @@ def count_recipe(
     """Eq. 12 and exact counts for a recipe; paper figures when it is a Table 8 row."""
     if paper_row is None and recipe.paper.table8_row:
         paper_row = next((r for r in TABLE8 if r.name == recipe.paper.table8_row), None)
-    formula_total, formula_activated = formula_counts(recipe_dims(recipe))
-    exact = _exact_for_recipe(recipe, use_cache)
-    layers, experts, top_k = _moe_plan(recipe)
-    return ParamReport(
-        name=paper_row.name if paper_row else recipe.name,
-        paper_total_b=paper_row.total_b if paper_row else None,
-        paper_activated_b=paper_row.activated_b if paper_row else None,
-        formula_total=formula_total,
-        formula_activated=formula_activated,
-        exact_total=exact.total_params,
-        exact_activated=exact.activated_params,
-        vision_params=exact.vision,
-        projector_params=exact.projector,
-        components=exact.total,
-        activated_components=exact.activated,
-        moe_layers=list(layers),
-        num_experts=experts if recipe.moe else None,
-        top_k=top_k if recipe.moe else None,
-        recipe=recipe_label,
-        paper_consistent=paper_row.consistent if paper_row else None,
-        note=paper_row.note if paper_row else "",
+    return ParamReport.of(
+        paper_row.name if paper_row else recipe.name,
+        recipe_dims(recipe),
+        _exact_for_recipe(recipe, use_cache),
+        recipe.moe_layer_indices if recipe.moe else (),
+        paper_row,
+        recipe_label,
     )
 
 
@@ -362,20 +381,4 @@ def count_config(
         experts=num_experts or 1,
         top_k=top_k if num_experts else 1,
     )
-    formula_total, formula_activated = formula_counts(dims)
-    return ParamReport(
-        name=str(config_file),
-        paper_total_b=None,
-        paper_activated_b=None,
-        formula_total=formula_total,
-        formula_activated=formula_activated,
-        exact_total=exact.total_params,
-        exact_activated=exact.activated_params,
-        vision_params=exact.vision,
-        projector_params=exact.projector,
-        components=exact.total,
-        activated_components=exact.activated,
-        moe_layers=list(moe_layers),
-        num_experts=num_experts,
-        top_k=top_k if num_experts else None,
-    )
+    return ParamReport.of(str(config_file), dims, exact, moe_layers)
