@@ -56,8 +56,7 @@ def convert(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
 ) -> None:
-    """Convert a published MoE-LLaVA checkpoint (DeepSpeed MoE layout) into a moetool one that
-    plain transformers loads."""
+    """Convert a published MoE-LLaVA checkpoint into one that plain transformers loads."""
     from moetool.convert import ConvertError, ConvertOptions, convert_checkpoint
 
     options = ConvertOptions(
