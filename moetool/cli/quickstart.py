@@ -31,9 +31,10 @@ def quickstart(
 ) -> None:
     """Run the whole pipeline on the tiny preset: data, 3 stages, upcycle, POPE, counts, figures.
 
-    Synthetic data -> stage I -> stage II -> upcycle -> stage III -> POPE on the dense, the sparse
-    and the blind sparse model -> param-count -> routing figures. Writes DIR/summary.json and
-    the checkpoints DIR/dense and DIR/moe.
+    Synthetic data -> stage I -> stage II -> upcycle -> stage III ->
+    POPE on the dense, the sparse and the blind sparse model ->
+    param-count -> routing figures.
+    Writes DIR/summary.json and the checkpoints DIR/dense and DIR/moe.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
