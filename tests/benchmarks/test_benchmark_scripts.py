@@ -82,6 +82,10 @@ def test_moe_layer_script_prints_its_json():
     assert set(data["ratio_to_dense"]) == set(names)
     assert data["setting"]["samples"] == 2
     assert all(value > 0 for value in data["seconds_median"].values())
+    median = data["seconds_median"]
+    assert data["moetool_over_experts_alone"] == {
+        "e4": pytest.approx(median["moetool_e4"] / median["experts_alone_e4"])
+    }
 
 
 def test_expert_gemms_script_prints_its_json():
