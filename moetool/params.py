@@ -294,7 +294,7 @@ def count_recipe(
         paper_row.name if paper_row else recipe.name,
         recipe_dims(recipe),
         _exact_for_recipe(recipe, use_cache),
-        recipe.moe_layer_indices if recipe.moe else (),
+        recipe.moe_layer_indices,
         paper_row,
         recipe_label,
     )
