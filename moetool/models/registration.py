@@ -4,7 +4,9 @@
 LLaVA code. So ``import moetool`` registers at once when transformers' auto classes are already
 imported, and otherwise right after the outermost transformers import that brings them in
 finishes: transformers' modules import each other, and registering while any of them is
-half-initialised fails.
+half-initialised fails. The same holds for moetool's own configuration and modeling modules,
+which import transformers themselves: when one of them is the first to import it, registration
+waits until that module has finished.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import importlib.machinery
 import sys
 
 _CONFIG_AUTO = "transformers.models.auto.configuration_auto"
+# Modules that register() imports: registering must wait while one of them is mid-import.
+_OWN = ("moetool.models.configuration_moe_llava", "moetool.models.modeling_moe_llava")
 _done = False
 _registering = False
 
@@ -48,18 +52,23 @@ def register() -> None:
         _registering = False
 
 
-def _transformers_busy(finished: str | None) -> bool:
-    """True while a transformers module other than ``finished`` (whose body just ran) is
-    still executing, i.e. part of an import in progress."""
+def _watched(name: str) -> bool:
+    return name == "transformers" or name.startswith("transformers.") or name in _OWN
+
+
+def _imports_busy(finished: str | None) -> bool:
+    """True while a transformers module, or a moetool module that registration imports, other
+    than ``finished`` (whose body just ran) is still executing, i.e. part of an import in
+    progress."""
     return any(
         getattr(getattr(module, "__spec__", None), "_initializing", False)
         for name, module in list(sys.modules.items())
-        if (name == "transformers" or name.startswith("transformers.")) and name != finished
+        if _watched(name) and name != finished
     )
 
 
 def _register_when_ready(finished: str | None = None) -> None:
-    if _done or _registering or _CONFIG_AUTO not in sys.modules or _transformers_busy(finished):
+    if _done or _registering or _CONFIG_AUTO not in sys.modules or _imports_busy(finished):
         return
     register()
     for finder in [f for f in sys.meta_path if isinstance(f, _RegisterAfterImport)]:
@@ -67,10 +76,11 @@ def _register_when_ready(finished: str | None = None) -> None:
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Wraps the loader of every transformers module to try registering after it executes."""
+    """Wraps the loader of every transformers module (and of moetool's configuration and
+    modeling modules) to try registering after it executes."""
 
     def find_spec(self, fullname, path, target=None):
-        if _done or not (fullname == "transformers" or fullname.startswith("transformers.")):
+        if _done or not _watched(fullname):
             return None
         spec = None
         for finder in sys.meta_path:

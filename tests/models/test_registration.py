@@ -28,6 +28,17 @@ ORDERS = {
     ),
     "AutoConfig only": "import moetool\nfrom transformers import AutoConfig\n",
     "image processor first": "import moetool\nfrom transformers import CLIPImageProcessor\n",
+    # moetool's own modules import transformers: registration must wait for them to finish.
+    "sparse model class first": (
+        "from moetool.models.modeling_moe_llava import MoELlavaForConditionalGeneration\n"
+    ),
+    "sparse config class first": (
+        "from moetool.models.configuration_moe_llava import MoELlavaConfig\n"
+    ),
+    "transformers, then the sparse model class": (
+        "import transformers\n"
+        "from moetool.models.modeling_moe_llava import MoELlavaForConditionalGeneration\n"
+    ),
 }
 
 
