@@ -25,6 +25,18 @@ class TrainingError(RuntimeError):
     pass
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing of every decoder layer, through
+    transformers' ``activation_checkpointing_enable`` where it exists (``gradient_checkpointing_
+    enable``, the older name, warns that it goes in transformers v6)."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        enable(activation_checkpointing_kwargs=kwargs)
+
+
 @dataclass(frozen=True)
 class StageResult:
     stage: str
@@ -238,7 +250,7 @@ def run_stage(
             "parameter of this model"
         )
     if stage.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
 
     ds_config = deepspeed_config(stage, world)

@@ -1,12 +1,16 @@
 """The sparse LVLM: exactness after upcycling across families, save/load, generate, losses."""
 
+import warnings
+
 import pytest
 import torch
 
 import moetool  # noqa: F401  (registers the sparse model with the Auto classes)
 from moetool.models.build import build_random_lvlm, save_checkpoint
+from moetool.models.modeling_moe_llava import decoder_layers
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
+from moetool.train.runner import enable_activation_checkpointing
 from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
 
 FAMILIES = ["phi", "stablelm", "qwen2", "llama", "mistral", "qwen3", "gemma2"]
@@ -183,7 +187,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(dense_checkpoints, tmp_
     for checkpointing in (False, True):
         model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").train()
         if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no deprecated transformers API
+                enable_activation_checkpointing(model)
+            assert all(layer.gradient_checkpointing for layer in decoder_layers(model))
         out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=ids)
         out.loss.backward()
         grads.append(
