@@ -106,14 +106,12 @@ def capture_from_llava_json(
 ) -> RoutingCapture:
     """Capture routing of a sparse checkpoint over LLaVA-JSON samples, rendered with the
     checkpoint's conversation template (from its recipe snapshot, or ``template``)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from moetool.data.llava_json import load_llava_json
     from moetool.data.preprocess import Preprocessor, collate
     from moetool.data.templates import get_template
+    from moetool.models.inference import load_checkpoint
 
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    model, processor = load_checkpoint(checkpoint)  # collate pads itself, on the right
     recipe = (getattr(model.config, "moetool", None) or {}).get("recipe") or {}
     name = template or (recipe.get("data") or {}).get("template")
     if not name:
