@@ -115,6 +115,16 @@ def test_every_command_and_option_is_in_the_cli_reference(path):
     assert not missing, f"docs/cli.md, section `{heading}`: options {missing} are not documented"
 
 
+@pytest.mark.parametrize("path", list(COMMANDS), ids=[heading_of(p) for p in COMMANDS])
+def test_every_option_explains_itself_in_help(path):
+    bare = [
+        param.opts[0]
+        for param in COMMANDS[path].params
+        if param.param_type_name == "option" and not (param.help or "").strip()
+    ]
+    assert not bare, f"`{heading_of(path)} --help`: options {bare} have no help text"
+
+
 def test_the_cli_reference_documents_only_existing_commands():
     existing = {heading_of(p) for p in COMMANDS}
     stale = [h for h, _ in sections(CLI_DOC) if h.split(" ")[0] == "moetool" and h not in existing]

@@ -18,7 +18,7 @@ app = typer.Typer(
 @app.command("synth")
 def synth(
     out: Annotated[Path, typer.Argument(help="Directory to write (must not exist).")],
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", help="PNG side in pixels.")] = 64,
     max_objects: Annotated[int, typer.Option("--max-objects", help="Objects per image.")] = 3,
     stage1: Annotated[int, typer.Option("--stage1", help="Caption samples.")] = 2000,

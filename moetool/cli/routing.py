@@ -32,14 +32,19 @@ def capture(
         str | None,
         typer.Option("--task", help="lmms-eval task of the --data directory, e.g. pope_random."),
     ] = None,
-    image_folder: Annotated[Path, typer.Option("--image-folder")] = Path("."),
+    image_folder: Annotated[
+        Path,
+        typer.Option("--image-folder", help="Folder the samples' image paths are relative to."),
+    ] = Path("."),
     limit: Annotated[int | None, typer.Option("--limit", help="First N samples.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 4,
     template: Annotated[
         str | None,
         typer.Option("--template", help="Conversation template (default: the checkpoint's)."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing OUT.")
+    ] = False,
 ) -> None:
     """Record every token's experts, weights and modality in every MoE layer."""
     from moetool.data.llava_json import DataError
@@ -67,7 +72,9 @@ def capture(
 @app.command("stats")
 def stats(
     capture_dir: Annotated[Path, typer.Argument(help="Output of `moetool routing capture`.")],
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the figures (and top pathways) as JSON.")
+    ] = False,
 ) -> None:
     """Expert load per layer, balance (CV, entropy), modality shares and top pathways."""
     from moetool.routing.capture import RoutingCapture
