@@ -15,6 +15,16 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 IMAGE_PLACEHOLDER = "<image>"
+# A message's content in a Jinja chat template: a string as it is, or transformers' list of
+# parts, each image an image placeholder on its own line (as the training data has it) and each
+# text part its text -- so `processor.apply_chat_template` and the "image-text-to-text" pipeline
+# work with structured messages.
+JINJA_CONTENT = (
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for part in m['content'] %}{% if part['type'] == 'image' %}"
+    + IMAGE_PLACEHOLDER
+    + "\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+)
 
 Turn = tuple[str, str]  # (role: "human" | "gpt", text)
 Span = tuple[int, int]
@@ -86,41 +96,35 @@ class Template:
         return text[: spans[-1][0]]
 
     def jinja(self) -> str:
-        """A Jinja chat template (messages with role user/assistant) equal to ``render``."""
+        """A Jinja chat template (messages with role user/assistant) equal to ``render``; a
+        message's content may be a string or a list of image and text parts."""
         user = "{% for m in messages %}{% if m['role'] == 'user' %}"
+        content, other = JINJA_CONTENT, "{% else %}"
+        end = "{% endif %}{% endfor %}"
         if self.style == "plain":
-            return (
-                "{% for m in messages %}{% if m['role'] == 'user' %}<image>{% else %}"
-                "{{ m['content'] }}\n{% endif %}{% endfor %}"
-            )
+            return user + IMAGE_PLACEHOLDER + other + content + "\n" + end
         if self.style == "two":
             return (
-                f"{self.system}{self.sep}"
-                + user
-                + "USER: {{ m['content'] }}"
-                + self.sep
-                + "ASSISTANT: {% else %}{{ m['content'] }}"
-                + self.eos
-                + "{% endif %}{% endfor %}"
+                f"{self.system}{self.sep}{user}USER: {content}{self.sep}ASSISTANT: "
+                f"{other}{content}{self.eos}{end}"
             )
         if self.style == "llama3":
             return (
                 "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                + self.system
-                + "<|eot_id|>"
-                + user
-                + "<|start_header_id|>user<|end_header_id|>\n\n"
-                "{{ m['content'] }}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-                "{% else %}{{ m['content'] }}" + self.eos + "{% endif %}{% endfor %}"
+                f"{self.system}<|eot_id|>{user}<|start_header_id|>user<|end_header_id|>\n\n"
+                f"{content}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+                f"{other}{content}{self.eos}{end}"
             )
         return (
-            "<|im_start|>system\n"
-            + self.system
-            + "<|im_end|>\n"
-            + user
-            + "<|im_start|>user\n{{ m['content'] }}<|im_end|>\n<|im_start|>assistant\n"
-            "{% else %}{{ m['content'] }}" + self.eos + "\n{% endif %}{% endfor %}"
+            f"<|im_start|>system\n{self.system}<|im_end|>\n{user}<|im_start|>user\n{content}"
+            f"<|im_end|>\n<|im_start|>assistant\n{other}{content}{self.eos}\n{end}"
         )
+
+    def attach(self, processor) -> None:
+        """Make this the chat template a checkpoint saved with ``processor`` carries. A processor
+        loaded from a checkpoint holds its own copy of the template, which ``save_pretrained``
+        writes instead of the tokenizer's; both are set."""
+        processor.chat_template = processor.tokenizer.chat_template = self.jinja()
 
 
 def _check_turns(turns: list[Turn]) -> None:

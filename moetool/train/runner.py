@@ -376,7 +376,7 @@ def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, ra
     }
     from moetool.data.templates import get_template
 
-    processor.tokenizer.chat_template = get_template(recipe.data.template).jinja()
+    get_template(recipe.data.template).attach(processor)
     with atomic_output_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)

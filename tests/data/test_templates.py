@@ -58,3 +58,42 @@ def test_bad_conversations():
         t.render([("gpt", "hi"), ("human", "x")])
     with pytest.raises(TemplateError, match="known: plain, phi"):
         get_template("vicuna_v1")
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_jinja_chat_template_takes_transformers_content_parts(name):
+    """Messages as transformers' processors and pipelines write them (lists of image and text
+    parts) render as the same text as the string form with the image placeholder line."""
+    template = jinja2.Environment().from_string(get_template(name).jinja())
+    as_text = [
+        {"role": "user", "content": "<image>\nWhat colour?"},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "And the square?"},
+        {"role": "assistant", "content": "Blue."},
+    ]
+    as_parts = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the square?"}]},
+        {"role": "assistant", "content": "Blue."},
+    ]
+    assert template.render(messages=as_parts) == template.render(messages=as_text)
+    assert "[{" not in template.render(messages=as_parts)
+
+
+def test_attached_template_is_the_one_a_reloaded_checkpoint_carries(tmp_path):
+    """A later stage saves its recipe's template, not the one its processor was loaded with."""
+    from transformers import AutoProcessor
+
+    from moetool.models.build import build_random_lvlm
+    from moetool.models.presets import preset_recipe
+
+    _, processor = build_random_lvlm(preset_recipe("tiny-qwen2"))
+    get_template("qwen").attach(processor)
+    processor.save_pretrained(tmp_path / "first")
+    loaded = AutoProcessor.from_pretrained(tmp_path / "first")
+    assert loaded.chat_template == get_template("qwen").jinja()
+    get_template("chatml").attach(loaded)
+    loaded.save_pretrained(tmp_path / "second")
+    again = AutoProcessor.from_pretrained(tmp_path / "second")
+    assert again.chat_template == again.tokenizer.chat_template == get_template("chatml").jinja()

@@ -27,3 +27,29 @@ def test_answer_passes_generate_kwargs_on():
     answer(*args, max_new_tokens=3, generate_kwargs={"suppress_tokens": [first]})
     assert new_tokens[1][0] != first  # greedy's first choice was suppressed
     assert first not in new_tokens[1]
+
+
+def test_transformers_pipeline_runs_on_a_moetool_checkpoint(tmp_path):
+    """The "image-text-to-text" pipeline renders structured messages with the checkpoint's chat
+    template into the prompt moetool builds, image placeholder included."""
+    from transformers import pipeline
+
+    from moetool.data.templates import get_template
+    from moetool.models.build import save_checkpoint
+    from moetool.models.inference import build_prompt
+
+    recipe = preset_recipe("tiny-qwen2")
+    model, processor = build_random_lvlm(recipe)
+    # As training saves every checkpoint: with its recipe's chat template.
+    processor.tokenizer.chat_template = get_template(recipe.data.template).jinja()
+    save_checkpoint(model, processor, tmp_path / "ckpt")
+    pipe = pipeline("image-text-to-text", model=str(tmp_path / "ckpt"))
+    parts = [{"type": "image"}, {"type": "text", "text": "What colour?"}]
+    rendered = pipe.processor.apply_chat_template(
+        [{"role": "user", "content": parts}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == build_prompt(pipe.tokenizer, "What colour?", 1)
+    image = Image.new("RGB", (20, 12), "red")
+    parts[0]["image"] = image
+    out = pipe(text=[{"role": "user", "content": parts}], max_new_tokens=3)
+    assert out[0]["generated_text"][-1]["role"] == "assistant"
