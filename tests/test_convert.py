@@ -689,6 +689,8 @@ def test_image_token_grows_a_full_vocabulary_and_the_tokenizer_gets_a_template(t
         [{"role": "user", "content": "<image>\nis there"}], tokenize=False
     )
     assert prompt.endswith("USER: <image>\nis there ASSISTANT: ")
+    parts = [{"type": "image"}, {"type": "text", "text": "is there"}]  # as pipelines write it
+    assert processor.apply_chat_template([{"role": "user", "content": parts}]) == prompt
     batch = processor(text=prompt, images=torch.zeros(3, 28, 28), return_tensors="pt")
     assert (batch["input_ids"] == vocab).sum().item() == 4  # one per patch, CLS dropped
     model, logits = converted_logits(tmp_path / "out", batch["input_ids"], batch["pixel_values"])
