@@ -27,8 +27,8 @@ class TrainingError(RuntimeError):
 
 def enable_activation_checkpointing(model) -> None:
     """Non-reentrant activation (gradient) checkpointing of every decoder layer, through
-    transformers' ``activation_checkpointing_enable`` where it exists (``gradient_checkpointing_
-    enable``, the older name, warns that it goes in transformers v6)."""
+    transformers' ``activation_checkpointing_enable`` where it exists; the older name,
+    ``gradient_checkpointing_enable``, warns that it goes in transformers v6."""
     kwargs = {"use_reentrant": False}
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is None:
