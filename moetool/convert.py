@@ -375,8 +375,9 @@ def vision_config_for(official: Mapping, vision_config: str | Path | None = None
             data.pop("model_type", None)
         config = AutoConfig.for_model(_VISION_MODEL_TYPES[model_type], **data)
     elif tower in TOWER_PRESETS:
+        import tomllib
+
         from moetool.models.build import vision_config as build_vision_config
-        from moetool.recipe.load import tomllib  # tomli on Python 3.10
         from moetool.recipe.paths import recipes_root
         from moetool.recipe.schema import VisionSection
 

@@ -102,8 +102,15 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         for block in blocks:
             block.token_mask, block.image_mask = token_mask, image_mask
             block.compute_losses = router_losses
+        return_dict = kwargs.pop("return_dict", None)
         out = super().forward(
-            input_ids, pixel_values, attention_mask, *args, labels=labels, **kwargs
+            input_ids,
+            pixel_values,
+            attention_mask,
+            *args,
+            labels=labels,
+            return_dict=True,
+            **kwargs,
         )
         aux = sum(b.aux_loss for b in blocks) if blocks and router_losses else None
         z = sum(b.z_loss for b in blocks) if blocks and router_losses else None
@@ -112,14 +119,11 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
             loss = loss + self.config.moe["aux_loss_coef"] * aux
             if self.config.moe["z_loss_coef"]:
                 loss = loss + self.config.moe["z_loss_coef"] * z
-        return MoELlavaOutput(
-            loss=loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-            image_hidden_states=out.image_hidden_states,
-            lm_loss=out.loss,
-            aux_loss=aux,
-            z_loss=z,
-        )
+        # Carry over whatever fields the installed transformers' LLaVA output holds (their names
+        # change between releases: 5.24 renamed past_key_values and image_hidden_states), and add
+        # ours; copying them by name broke every forward once.
+        fields = {**out, "loss": loss, "lm_loss": out.loss, "aux_loss": aux, "z_loss": z}
+        output = MoELlavaOutput(**fields)
+        if return_dict is False:
+            return output.to_tuple()
+        return output

@@ -69,6 +69,65 @@ def test_upcycled_model_is_exact_through_from_pretrained(family, dense_checkpoin
     assert torch.equal(dense.generate(**kwargs), sparse.generate(**kwargs))
 
 
+def assert_same_output_value(ours, theirs, key):
+    """Recursive equality of an output field: tensors within 1e-4, containers element-wise,
+    anything else (a cache object) of the same type."""
+    from transformers.utils import ModelOutput
+
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor), key
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0, msg=key)
+    elif isinstance(theirs, ModelOutput):
+        assert list(ours.keys()) == list(theirs.keys()), key
+        for name in theirs:
+            assert_same_output_value(ours[name], theirs[name], f"{key}.{name}")
+    elif isinstance(theirs, (tuple, list)):
+        assert len(ours) == len(theirs), key
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert_same_output_value(a, b, f"{key}[{i}]")
+    else:
+        assert type(ours) is type(theirs), key
+
+
+def test_output_holds_every_field_of_the_installed_llava_output(dense_checkpoints, tmp_path):
+    """Upstream assumption named: the sparse output is the installed transformers' LLaVA output
+    plus moetool's losses, whatever fields that release has (5.24 renamed two of them; copying
+    fields by name broke every forward)."""
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+
+    src = dense_checkpoints["llama"]
+    upcycle_checkpoint(src, tmp_path / "sparse", UpcycleOptions(router_std=1.0))
+    dense = LlavaForConditionalGeneration.from_pretrained(src).eval()
+    sparse = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse").eval()
+    ids, pixels, mask = make_inputs(dense.config)
+    kwargs = dict(
+        input_ids=ids,
+        pixel_values=pixels,
+        attention_mask=mask,
+        labels=ids,
+        use_cache=True,
+        output_hidden_states=True,
+        output_attentions=True,
+    )
+    with torch.no_grad():
+        expected = dense(**kwargs)
+        out = sparse(**kwargs)
+        as_tuple = sparse(**kwargs, return_dict=False)
+    assert isinstance(out, LlavaCausalLMOutputWithPast)
+    theirs = [k for k in expected if k != "loss"]
+    assert len(theirs) >= 5  # logits, cache, hidden states, attentions, image outputs
+    assert [k for k in out if k in theirs] == theirs
+    for key in theirs:
+        assert_same_output_value(out[key], expected[key], key)
+    assert {"lm_loss", "aux_loss", "z_loss"} <= set(out.keys())
+    torch.testing.assert_close(out.lm_loss, expected.loss)
+    assert isinstance(as_tuple, tuple)
+    assert len(as_tuple) == len(out.keys())
+    torch.testing.assert_close(as_tuple[0], out.loss)
+    torch.testing.assert_close(as_tuple[1], out.logits)
+
+
 def test_raw_weights_option_changes_the_output(dense_checkpoints, tmp_path):
     from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
