@@ -1,10 +1,13 @@
-"""Output discipline: write to a temporary path, rename when complete, never clobber silently."""
+"""Output discipline: write to a temporary path, rename when complete, never clobber silently;
+hold what a library prints unasked."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,3 +41,18 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+@contextlib.contextmanager
+def held_output(stream: str) -> Iterator[io.StringIO]:
+    """Hold what is printed to ``sys.stdout`` or ``sys.stderr`` (``stream``) in the block, at
+    the Python level; if the block raises, the held text goes to the real stream first, so
+    nothing that explains the failure is lost."""
+    held = io.StringIO()
+    redirect = {"stdout": contextlib.redirect_stdout, "stderr": contextlib.redirect_stderr}
+    try:
+        with redirect[stream](held):
+            yield held
+    except BaseException:
+        getattr(sys, stream).write(held.getvalue())
+        raise

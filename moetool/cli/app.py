@@ -20,6 +20,7 @@ from moetool.cli import (
     train,
     upcycle,
 )
+from moetool.cli.render import quiet_libraries
 
 app = typer.Typer(
     name="moetool",
@@ -83,5 +84,6 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    quiet_libraries()
     sys.argv[1:] = _take_local_rank(sys.argv[1:])
     app()

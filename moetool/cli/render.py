@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +17,36 @@ from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True)
+
+# What the libraries print on their own (progress bars, log chatter), which the commands replace
+# with their own progress and results. MOETOOL_LIBRARY_LOGS=1 keeps the libraries' defaults.
+LIBRARY_QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's and transformers' bars
+    "TQDM_DISABLE": "1",  # every other tqdm bar (lmms-eval's, datasets')
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DATASETS_VERBOSITY": "error",
+}
+# Loggers that print below error level during normal runs on a CPU: DeepSpeed's "Setting
+# accelerator to CPU", torch's "No CUDA runtime is found" when DeepSpeed loads its ops.
+QUIET_LOGGERS = ("DeepSpeed", "torch.utils.cpp_extension")
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def quiet_libraries() -> None:
+    """Keep third-party progress bars and log lines below error level out of the output; called
+    before any of those libraries is imported (environment variables are read on import)."""
+    if os.environ.get("MOETOOL_LIBRARY_LOGS") == "1":
+        return
+    for key, value in LIBRARY_QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for name in QUIET_LOGGERS:
+        # A filter, not a level: DeepSpeed's logger factory resets the level when it imports.
+        logger = logging.getLogger(name)
+        if _errors_only not in logger.filters:
+            logger.addFilter(_errors_only)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

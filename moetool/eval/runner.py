@@ -159,7 +159,7 @@ def run_eval(
     from lmms_eval import evaluator
     from lmms_eval.tasks import TaskManager
 
-    from moetool.io import atomic_output_dir
+    from moetool.io import atomic_output_dir, held_output
 
     if lmms_model is None:
         from moetool.eval.lmms_model import MoeTool
@@ -171,17 +171,21 @@ def run_eval(
         include_path=[str(root / f) for f in folders], include_defaults=False, model_name="moetool"
     )
     with atomic_output_dir(out, overwrite=True) as tmp:
-        result = evaluator.simple_evaluate(
-            model=lmms_model,
-            tasks=task_configs(task, data),
-            task_manager=manager,
-            limit=limit,
-            device=device,
-            log_samples=True,
-            bootstrap_iters=0,
-            batch_size=batch_size,
-            cli_args=types.SimpleNamespace(output_path=str(tmp), process_with_media=False),
-        )
+        # lmms-eval's progress bars (some ignore TQDM_DISABLE) and warnings: a log beside the
+        # results, not the command's output.
+        with held_output("stderr") as lmms_log:
+            result = evaluator.simple_evaluate(
+                model=lmms_model,
+                tasks=task_configs(task, data),
+                task_manager=manager,
+                limit=limit,
+                device=device,
+                log_samples=True,
+                bootstrap_iters=0,
+                batch_size=batch_size,
+                cli_args=types.SimpleNamespace(output_path=str(tmp), process_with_media=False),
+            )
+        (tmp / "lmms_eval.log").write_text(lmms_log.getvalue())
         samples = result.pop("samples", {})
         (tmp / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         with (tmp / "samples.jsonl").open("w") as f:

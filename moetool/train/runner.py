@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from moetool.io import held_output
 from moetool.recipe.schema import Recipe, StageSection
 
 STAGE_INPUTS = {"pretrain": (), "instruct": ("pretrain",), "moe_tune": ("instruct", "pretrain")}
@@ -219,9 +220,11 @@ def run_stage(
     from moetool.models.parts import set_trainable
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
-        )
+        # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" here on CPU.
+        with held_output("stdout"):
+            deepspeed.init_distributed(
+                dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
+            )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     state.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(stage.seed)

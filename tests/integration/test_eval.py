@@ -56,7 +56,7 @@ def moetool(*args):
 
 
 @pytest.mark.parametrize("task", ["pope", "gqa", "vqav2", "mmbench", "mmvet"])
-def test_every_task_runs_through_moetool_eval(world, task, tmp_path):
+def test_every_task_runs_through_moetool_eval(world, task, tmp_path, library_chatter):
     proc = moetool(
         "eval",
         task,
@@ -73,6 +73,7 @@ def test_every_task_runs_through_moetool_eval(world, task, tmp_path):
         "--json",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert library_chatter(proc.stdout + proc.stderr) == []
     report = json.loads(proc.stdout)
     results = json.loads((tmp_path / task / "results.json").read_text())["results"]
     assert set(report["metrics"]) <= set(results)

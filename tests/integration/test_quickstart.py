@@ -26,7 +26,13 @@ def quickstart(tmp_path_factory):
     proc = moetool("quickstart", "--out", str(out), "--json")
     summary = json.loads(proc.stdout)  # --json keeps stdout clean of training logs
     assert summary == json.loads((out / "summary.json").read_text())
+    (out.parent / "output.txt").write_text(proc.stdout + proc.stderr)
     return out, summary
+
+
+def test_the_quickstart_prints_no_library_output(quickstart, library_chatter):
+    out, _ = quickstart
+    assert library_chatter((out.parent / "output.txt").read_text()) == []
 
 
 def test_the_sparse_model_learns_from_the_images(quickstart):
@@ -100,7 +106,7 @@ def test_predict_answers_synthetic_questions(quickstart):
         assert right / asked >= 0.75, (model, right, asked)
 
 
-def test_predict_command_prints_one_answer(quickstart):
+def test_predict_command_prints_one_answer(quickstart, library_chatter):
     out, _ = quickstart
     image = out / "data" / "images" / "eval" / "eval_000000.png"
     proc = moetool(
@@ -114,6 +120,7 @@ def test_predict_command_prints_one_answer(quickstart):
         "--json",
     )
     answer = json.loads(proc.stdout)
+    assert library_chatter(proc.stdout + proc.stderr) == []
     assert answer["sparse"] is True and answer["answer"] in {"Yes", "No"}
     plain = moetool(
         "predict",

@@ -91,6 +91,17 @@ def test_build_from_local_parts(tmp_path):
         tower.encoder.layers[0].mlp.fc1.weight,
     )
     assert model.model.multi_modal_projector.linear_1.weight.device.type == "cpu"
+    # Upstream assumption named: the new projector (built on the meta device, then given empty
+    # memory) is initialised by transformers' _init_weights; were that a no-op, stage I would
+    # start from whatever the memory held.
+    std = model.config.text_config.initializer_range
+    for linear in (
+        model.model.multi_modal_projector.linear_1,
+        model.model.multi_modal_projector.linear_2,
+    ):
+        assert torch.isfinite(linear.weight).all()
+        assert 0.7 * std < linear.weight.std().item() < 1.3 * std
+        assert linear.bias is None or torch.equal(linear.bias, torch.zeros_like(linear.bias))
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
     save_checkpoint(model, processor, tmp_path / "stage0")
     again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "stage0")

@@ -128,6 +128,26 @@ def test_output_holds_every_field_of_the_installed_llava_output(dense_checkpoint
     torch.testing.assert_close(as_tuple[1], out.logits)
 
 
+def test_routers_of_a_new_sparse_model_are_initialised_like_the_model(dense_checkpoints):
+    """Upstream assumption named: transformers' _init_weights initialises the routers that the
+    sparse model's constructor adds (normal, std = initializer_range)."""
+    from transformers import AutoConfig
+
+    from moetool.models.configuration_moe_llava import MoELlavaConfig
+    from moetool.models.modeling_moe_llava import MoELlavaForConditionalGeneration
+
+    dense = AutoConfig.from_pretrained(dense_checkpoints["qwen2"]).to_dict()
+    dense.pop("model_type")
+    config = MoELlavaConfig(**dense, moe={"num_experts": 4, "top_k": 2, "layers": [0, 2]})
+    torch.manual_seed(0)
+    model = MoELlavaForConditionalGeneration(config)
+    std = config.text_config.initializer_range
+    routers = torch.cat([b.router.weight.flatten() for b in model.moe_blocks()])
+    assert routers.numel() >= 256
+    assert 0.8 * std < routers.std().item() < 1.2 * std
+    assert abs(routers.mean().item()) < 0.2 * std
+
+
 def test_raw_weights_option_changes_the_output(dense_checkpoints, tmp_path):
     from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
