@@ -18,35 +18,41 @@ from rich.table import Table
 console = Console()
 err_console = Console(stderr=True)
 
-# What the libraries print on their own (progress bars, log chatter), which the commands replace
-# with their own progress and results. MOETOOL_LIBRARY_LOGS=1 keeps the libraries' defaults.
+# What the libraries print on their own, which the commands replace with their own progress and
+# results: progress bars, and log lines that every CPU run prints and that say nothing about the
+# user's run. Other warnings (a checkpoint that does not fully load, say) still show.
+# MOETOOL_LIBRARY_LOGS=1 keeps the libraries' defaults.
 LIBRARY_QUIET_ENV = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's and transformers' bars
-    "TQDM_DISABLE": "1",  # every other tqdm bar (lmms-eval's, datasets')
-    "TRANSFORMERS_VERBOSITY": "error",
-    "DATASETS_VERBOSITY": "error",
+    "TQDM_DISABLE": "1",  # other tqdm bars (datasets', some of lmms-eval's)
 }
-# Loggers that print below error level during normal runs on a CPU: DeepSpeed's "Setting
-# accelerator to CPU", torch's "No CUDA runtime is found" when DeepSpeed loads its ops.
-QUIET_LOGGERS = ("DeepSpeed", "torch.utils.cpp_extension")
+ROUTINE_LOG_LINES = {
+    "DeepSpeed": ("Setting accelerator to CPU",),  # auto-detection on a machine with no GPU
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),  # DeepSpeed's CPU op loader
+}
 
 
-def _errors_only(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR
+class _DropRoutineLines(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
 
 
 def quiet_libraries() -> None:
-    """Keep third-party progress bars and log lines below error level out of the output; called
-    before any of those libraries is imported (environment variables are read on import)."""
+    """Keep third-party progress bars and routine log lines out of the output; called before
+    any of those libraries is imported (they read the environment variables on import)."""
     if os.environ.get("MOETOOL_LIBRARY_LOGS") == "1":
         return
     for key, value in LIBRARY_QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    for name in QUIET_LOGGERS:
+    for name, prefixes in ROUTINE_LOG_LINES.items():
         # A filter, not a level: DeepSpeed's logger factory resets the level when it imports.
         logger = logging.getLogger(name)
-        if _errors_only not in logger.filters:
-            logger.addFilter(_errors_only)
+        if not any(isinstance(f, _DropRoutineLines) for f in logger.filters):
+            logger.addFilter(_DropRoutineLines(prefixes))
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

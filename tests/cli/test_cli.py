@@ -190,3 +190,27 @@ def test_errors_keep_bracketed_toml_names(tmp_path):
     proc = run("param-count", str(recipe), check=False)
     assert proc.returncode == 2
     assert "[moe]" in proc.stderr and "num_expertz" in proc.stderr
+
+
+@pytest.mark.parametrize("library_logs", ["", "1"])
+def test_routine_library_lines_are_dropped_and_real_warnings_kept(library_logs):
+    code = (
+        "from moetool.cli.render import quiet_libraries\n"
+        "quiet_libraries()\n"
+        "import os, transformers\n"
+        "from deepspeed.utils import logger\n"
+        "logger.warning('a warning about this run')\n"
+        "print(os.environ.get('HF_HUB_DISABLE_PROGRESS_BARS'),\n"
+        "      transformers.utils.logging.is_progress_bar_enabled())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR",)}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    env["MOETOOL_LIBRARY_LOGS"] = library_logs
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    output = proc.stdout + proc.stderr
+    assert "a warning about this run" in output
+    # DeepSpeed finds no GPU here and says so on import, unless quietened.
+    assert ("Setting accelerator to CPU" in output) == (library_logs == "1")
+    assert proc.stdout.splitlines()[-1] == ("None True" if library_logs else "1 False")
