@@ -124,6 +124,6 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         # ours; copying them by name broke every forward once.
         fields = {**out, "loss": loss, "lm_loss": out.loss, "aux_loss": aux, "z_loss": z}
         output = MoELlavaOutput(**fields)
-        if return_dict is False:
-            return output.to_tuple()
+        if not (return_dict if return_dict is not None else self.config.return_dict):
+            return output.to_tuple()  # as transformers' models do
         return output
