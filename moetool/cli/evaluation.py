@@ -35,8 +35,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Evaluate a checkpoint with lmms-eval's own task definitions, offline on local data."""
-    from moetool.eval.runner import EvalError, run_eval
-    from moetool.paper import TABLE3_4
+    from moetool.eval.runner import POPE_PAPER_KEYS, EvalError, paper_figures, run_eval
 
     data = data or Path("data/lmms")
     try:
@@ -64,21 +63,15 @@ def eval_command(
             }
         )
         return
-    paper = None
-    config = json.loads((model / "config.json").read_text())
-    name = (config.get("moetool") or {}).get("recipe", {}).get("name")
-    paper = next((row for row in TABLE3_4 if row.name == name), None)
+    paper = paper_figures(json.loads((model / "config.json").read_text()))
     rows = []
     for lmms_task, metrics in report.metrics.items():
         for metric, value in metrics.items():
             reference = "-"
             if paper is not None and lmms_task in POPE_SPLITS:
-                key = {
-                    "pope_accuracy": "accuracy",
-                    "pope_f1_score": "f1",
-                    "pope_yes_ratio": "yes_ratio",
-                }[metric]
-                reference = f"{paper.pope[POPE_SPLITS[lmms_task]][key]:.1f}"
+                key = POPE_PAPER_KEYS[metric]
+                if key is not None:
+                    reference = f"{paper.pope[POPE_SPLITS[lmms_task]][key]:.1f}"
             elif paper is not None:
                 key = {"gqa": "gqa", "vqav2_val": "vqav2", "mmvet": "mmvet"}.get(
                     lmms_task, "mmbench"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -30,6 +31,17 @@ _LMMS = {
     "mmbench_en_dev": ("mmbench", ("gpt_eval_score",)),
     "mmbench_en_dev_static": ("mmbench", ("gpt_eval_score",)),
     "mmvet": ("mmvet", ("gpt_eval_score",)),
+}
+
+
+# lmms-eval's POPE metrics -> the key of the paper's Table 4 figure. pope_yes_ratio is the share
+# of "yes" in the ground truth and has no paper figure; the paper's "Yes" column is the share of
+# "yes" in the answers (yes_ratio_predicted).
+POPE_PAPER_KEYS = {
+    "pope_accuracy": "accuracy",
+    "pope_f1_score": "f1",
+    "yes_ratio_predicted": "yes_ratio",
+    "pope_yes_ratio": None,
 }
 
 
@@ -139,8 +151,12 @@ def run_eval(
         raise EvalError(f"--model {model}: not a checkpoint directory (no config.json)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EvalError(f"{out} already holds results (pass --overwrite to replace them)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # Offline hub access, and a dummy judge API for MM-Vet without one: set for the evaluation
+    # only, never left in the caller's environment.
+    environment = {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
+    }
     notes = []
     if task == "mmbench" and not judge_configured():
         notes.append(
@@ -148,13 +164,32 @@ def run_eval(
             "rules (lmms-eval's mmbench_en_dev_static)."
         )
     if task == "mmvet" and not judge_configured():
-        os.environ["API_TYPE"] = "dummy"  # lets the task import without credentials
+        environment["API_TYPE"] = "dummy"  # lets the task import without credentials
         notes.append(
             "MM-Vet scores need a GPT judge: none is configured (set OPENAI_API_KEY "
             "and optionally OPENAI_API_URL / MODEL_VERSION, or API_TYPE), so "
             "predictions are written and every score is 0.0 (not judged)."
         )
 
+    with _environment(environment):
+        return _evaluate(task, model, data, out, limit, batch_size, device, lmms_model, notes)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _evaluate(task, model, data, out, limit, batch_size, device, lmms_model, notes) -> EvalReport:
     import lmms_eval
     from lmms_eval import evaluator
     from lmms_eval.tasks import TaskManager
@@ -215,3 +250,16 @@ def run_eval(
                     writer.writerow([lmms_task, metric, value])
     count = sum(len(rows) for rows in samples.values())
     return EvalReport(task, metrics, count, out, notes)
+
+
+def paper_figures(checkpoint_config: dict):
+    """The paper's Table 3/4 row (``moetool.paper.BenchmarkFigures``) of the recipe a checkpoint
+    was trained from, found by the recipe name its config records; None for other recipes."""
+    from moetool.paper import TABLE3_4
+    from moetool.recipe import load_recipe
+    from moetool.recipe.paths import resolve_recipe
+
+    name = ((checkpoint_config.get("moetool") or {}).get("recipe") or {}).get("name")
+    if not name:
+        return None
+    return next((r for r in TABLE3_4 if load_recipe(resolve_recipe(r.recipe)).name == name), None)

@@ -120,10 +120,9 @@ def test_pope_metrics_agree_with_the_per_sample_log(world, tmp_path):
         assert results[task]["pope_yes_ratio,none"] == pytest.approx(truth.count("yes") / len(rows))
 
 
-def test_a_model_that_answers_from_the_annotations_scores_one(world, tmp_path):
+def oracle():
+    """An lmms-eval model that answers from the annotations."""
     from lmms_eval.api.model import lmms
-
-    from moetool.eval.runner import run_eval
 
     class Oracle(lmms):
         is_simple = True
@@ -140,12 +139,56 @@ def test_a_model_that_answers_from_the_annotations_scores_one(world, tmp_path):
         def generate_until_multi_round(self, requests):
             raise NotImplementedError
 
+    return Oracle()
+
+
+def test_a_model_that_answers_from_the_annotations_scores_one(world, tmp_path):
+    from moetool.eval.runner import run_eval
+
     report = run_eval(
-        "pope", world / "dense", world / "data/lmms", tmp_path / "o", lmms_model=Oracle()
+        "pope", world / "dense", world / "data/lmms", tmp_path / "o", lmms_model=oracle()
     )
     for split in ("pope_adv", "pope_pop", "pope_random"):
         assert report.metrics[split]["pope_accuracy"] == 1.0
         assert report.metrics[split]["pope_f1_score"] == 1.0
+
+
+def test_evaluation_leaves_the_callers_environment_as_it_was(world, tmp_path, monkeypatch):
+    from moetool.eval.runner import run_eval
+
+    for key in ("API_TYPE", "OPENAI_API_KEY", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
+    report = run_eval(
+        "mmvet", world / "moe", world / "data/lmms", tmp_path / "m", limit=2, lmms_model=oracle()
+    )
+    assert report.samples == 2
+    assert any("judge" in note for note in report.notes)  # ran with the dummy judge API
+    assert dict(os.environ) == before
+
+
+def test_the_table_puts_paper_figures_beside_ours_for_a_paper_recipe(world, tmp_path):
+    """A checkpoint trained from a paper recipe (the 384 StableLM variant, Table 4's dagger row):
+    the predicted-yes share sits beside the paper's "Yes", the ground-truth share beside none."""
+    checkpoint = tmp_path / "paper"
+    shutil.copytree(world / "moe", checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["moetool"] = {"stage": "moe_tune", "recipe": {"name": "MoE-LLaVA-1.6B×4-Top2 (384)"}}
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    proc = moetool(
+        "eval", "pope", "--model", str(checkpoint), "--data", str(world / "data/lmms"),
+        "--out", str(tmp_path / "t"), "--limit", "3",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {
+        tuple(cells[:2]): cells[3]
+        for line in proc.stdout.splitlines()
+        if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 4
+    }
+    assert rows[("pope_adv", "pope_accuracy")] == "86.9"
+    assert rows[("pope_adv", "yes_ratio_predicted")] == "41.5"  # Table 4, adversarial "Yes"
+    assert rows[("pope_pop", "yes_ratio_predicted")] == "43.0"
+    assert rows[("pope_adv", "pope_yes_ratio")] == "-"
 
 
 def test_lmms_eval_command_line_with_the_moetool_model(world, tmp_path):
