@@ -51,14 +51,15 @@ def main() -> None:
     from moetool.data.synth import SynthConfig, generate
     from moetool.models.build import build_random_lvlm, save_checkpoint
     from moetool.models.inference import answer, load_checkpoint
+    from moetool.models.moe.config import MoEConfig
     from moetool.models.presets import preset_recipe
-    from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
+    from moetool.upcycle import upcycle_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="moetool-eval-bench-"))
     generate(work / "data", SynthConfig(stage1=4, stage2=4, stage3=4, eval_images=16))
     model, processor = build_random_lvlm(preset_recipe(args.preset))
     save_checkpoint(model, processor, work / "dense")
-    upcycle_checkpoint(work / "dense", work / "moe", UpcycleOptions(router_std=0.5))
+    upcycle_checkpoint(work / "dense", work / "moe", MoEConfig(router_std=0.5))
     questions = json.loads((work / "data/eval/pope_random.json").read_text())[: args.samples]
 
     def one_pass(model, processor, batch: int, before: bool) -> float:
@@ -105,13 +106,13 @@ def main() -> None:
 
 
 def block_decode_us(model, rounds: int, calls: int = 500) -> dict[str, float]:
-    """Microseconds per forward of one MoE block on one decoded token, now and as before,
+    """Microseconds per forward of one MoE block on one decoded token, now and with every
+    expert called as before (the block computes no loss either way: the model does),
     interleaved."""
     block = model.moe_blocks()[0]
     x = torch.randn(1, 1, block.router.in_features)
 
     def timed(before: bool) -> float:
-        block.compute_losses = before  # what router_losses sets in the model's forward
         with as_before(before), torch.no_grad():
             start = time.perf_counter()
             for _ in range(calls):
@@ -122,7 +123,6 @@ def block_decode_us(model, rounds: int, calls: int = 500) -> dict[str, float]:
     for _ in range(rounds + 1):
         runs["now"].append(timed(False))
         runs["as_before"].append(timed(True))
-    block.compute_losses = True
     median = {name: statistics.median(r[1:]) for name, r in runs.items()}  # first: warm-up
     return {**median, "now_over_before": median["now"] / median["as_before"]}
 

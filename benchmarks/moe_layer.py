@@ -8,8 +8,10 @@ Setting (issue #3): d_model 512, FFN 2048 SwiGLU, 4096 tokens, top-2 of 4 and of
   dropless layer);
 - a Python loop over experts indexing stacked 3-D expert weights under autograd (transformers v5
   eager style).
-Also timed: the block's experts alone on the token blocks routing gave them (no router, no
-gather, no combine) -- the floor for any implementation that runs the backbone's own MLP modules,
+Also timed: the block with its router losses computed from the recorded logits, as the sparse
+model computes them in training (the block itself computes none); and the block's experts alone
+on the token blocks routing gave them (no router, no gather, no combine) -- the floor for any
+implementation that runs the backbone's own MLP modules,
 which shows how much of the ratio is the experts' GEMMs at their smaller size and how much is
 routing and dispatch.
 Prints JSON: median seconds per fwd+bwd, ratios to the dense FFN (of medians, and of the
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetool.models.moe import MoEBlock, MoEOptions
+from moetool.models.moe import MoEBlock, MoEConfig, recording_router_logits, router_losses
 
 
 class SwiGLU(nn.Module):
@@ -120,7 +122,7 @@ class ExpertsAlone(nn.Module):
     def routed(cls, block: MoEBlock, x: torch.Tensor) -> ExpertsAlone:
         """The block's experts on the token blocks its routing gives ``x``."""
         with torch.no_grad():
-            routing = block.route(x)[1]
+            routing = block.routing(block.router(x))
         counts = torch.bincount(routing.expert_index.reshape(-1), minlength=len(block.experts))
         return cls(list(block.experts), counts.tolist(), x.repeat(2, 1))  # top-2: 2 rows a token
 
@@ -128,6 +130,21 @@ class ExpertsAlone(nn.Module):
         self.rows.grad = None
         blocks = self.rows.split(self.counts)
         return torch.cat([e(b) for e, b in zip(self.experts, blocks, strict=True)])
+
+
+class BlockWithLosses(nn.Module):
+    """The block as a training step runs it: its router logits recorded and the aux and z
+    losses computed from them (as the sparse model does) and added to the output's sum."""
+
+    def __init__(self, block: MoEBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        with recording_router_logits() as logits:
+            out = self.block(x)
+        aux, z = router_losses(logits)
+        return out + (0.01 * aux + 0.001 * z) / out.numel()
 
 
 def time_fwd_bwd(module: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
@@ -163,7 +180,7 @@ def main() -> None:
         # One group per expert count, interleaved with the dense FFN and freed afterwards, so
         # every ratio compares modules measured side by side in the same memory state.
         block = MoEBlock.upcycle(
-            SwiGLU(args.d_model, args.ffn), args.d_model, MoEOptions(num_experts=e, top_k=2)
+            SwiGLU(args.d_model, args.ffn), args.d_model, MoEConfig(num_experts=e, top_k=2)
         )
         loop, einsum = LoopStacked(dense, e), CapacityEinsum(dense, e)
         for m in (block, loop, einsum):
@@ -171,6 +188,7 @@ def main() -> None:
         group = {
             "dense": dense,
             f"moetool_e{e}": block,
+            f"moetool_with_losses_e{e}": BlockWithLosses(block),
             f"experts_alone_e{e}": ExpertsAlone.routed(block, x),
             f"loop_stacked_e{e}": loop,
             f"capacity_einsum_e{e}": einsum,

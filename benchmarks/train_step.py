@@ -24,9 +24,10 @@ def build(args):
     import moetool  # noqa: F401
     from moetool.models.build import build_random_lvlm
     from moetool.models.configuration_moe_llava import MoELlavaConfig
+    from moetool.models.moe.config import MoEConfig
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
-    from moetool.upcycle import UpcycleOptions, plan_upcycle, upcycle_state_dict
+    from moetool.upcycle import plan_upcycle, upcycle_state_dict
 
     recipe = load_recipe(
         recipes_root() / "tiny/llama.toml",
@@ -47,11 +48,13 @@ def build(args):
     dense, _ = build_random_lvlm(recipe, seed=0)
     state = {k: v for k, v in dense.state_dict().items()}
     entries = {k: ("F32", tuple(v.shape)) for k, v in state.items()}
-    options = UpcycleOptions(num_experts=args.experts, top_k=args.top_k, router_std=0.5)
+    options = MoEConfig(num_experts=args.experts, top_k=args.top_k, router_std=0.5)
     plan = plan_upcycle(entries, args.layers, args.hidden, options)
     config = dense.config.to_dict()
     config.pop("model_type", None)
-    sparse = AutoModelForImageTextToText.from_config(MoELlavaConfig(**config, moe=plan.moe_config))
+    sparse = AutoModelForImageTextToText.from_config(
+        MoELlavaConfig(**config, moe=plan.moe.to_dict())
+    )
     sparse.load_state_dict(upcycle_state_dict(state, plan))
     return recipe, dense, sparse
 

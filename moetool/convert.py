@@ -17,17 +17,19 @@ capacity factors (docs/convert.md says where the two still differ).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from moetool import __version__
 from moetool.io import atomic_output_dir
+from moetool.models.moe.config import MoEConfig, MoEConfigError, resolve_moe_layers
 from moetool.upcycle import (
     SAFETENSORS_DTYPE_BYTES,
     UpcycleError,
@@ -255,7 +257,7 @@ def _qwen_text_kwargs(official: Mapping) -> dict:
 
 def moe_section_from_official(
     official_moe: Mapping | None, num_layers: int, keep_capacity: bool = False
-) -> dict:
+) -> MoEConfig:
     """moetool's ``moe`` config section from the official ``moe`` dict (pure).
 
     Dropless unless ``keep_capacity``. DeepSpeed's capacity, ceil(tokens / E * factor * k), is
@@ -277,18 +279,19 @@ def moe_section_from_official(
     layers = official_moe.get("moe_layers_idx")
     if layers is None:
         mode = official_moe.get("moe_mode", "sparse")
+        # The official moe_mode names of moetool's layer layouts.
         by_mode = {
-            "sparse": list(range(num_layers))[::2],
-            "first_half": list(range(num_layers // 2)),
-            "second_half": list(range(num_layers // 2, num_layers)),
-            "dense": list(range(num_layers)),
+            "sparse": "interval",
+            "first_half": "first-half",
+            "second_half": "second-half",
+            "dense": "all",
         }
         if mode not in by_mode:
             raise ConvertError(
                 f"config.json: moe.moe_mode {mode!r} without moe_layers_idx; "
                 f"known: {', '.join(by_mode)}"
             )
-        layers = by_mode[mode]
+        layers = resolve_moe_layers(by_mode[mode], num_layers)
     layers = [int(i) for i in layers]
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad or not layers or len(set(layers)) != len(layers):
@@ -315,23 +318,25 @@ def moe_section_from_official(
         raise ConvertError(
             f"config.json: moe.top_k_experts {top_k}; DeepSpeed gates top-1 or top-2"
         )
-    section = {
-        "num_experts": int(experts[0]),
-        "top_k": top_k,
-        "layers": sorted(layers),
-        "capacity_factor": 0.0,
-        "eval_capacity_factor": 0.0,
-        "min_capacity": 0,
-        "aux_loss_coef": float(official_moe.get("router_aux_loss_coef", 0.01)),
-        "z_loss_coef": 0.0,
-        # DeepSpeed renormalises the two top-2 weights; its top-1 weight is the raw probability.
-        "normalize_top_k": top_k == 2,
-    }
+    # DeepSpeed renormalises the two top-2 weights; its top-1 weight is the raw probability,
+    # which is MoEConfig's default for top-1.
+    moe = MoEConfig(
+        num_experts=int(experts[0]),
+        top_k=top_k,
+        layers=tuple(sorted(layers)),
+        aux_loss_coef=float(official_moe.get("router_aux_loss_coef", 0.01)),
+    )
     if keep_capacity:
-        section["capacity_factor"] = float(official_moe.get("capacity_factor", 1.0))
-        section["eval_capacity_factor"] = float(official_moe.get("eval_capacity_factor", 1.0))
-        section["min_capacity"] = int(official_moe.get("min_capacity", 4))
-    return section
+        moe = dataclasses.replace(
+            moe,
+            capacity_factor=float(official_moe.get("capacity_factor", 1.0)),
+            eval_capacity_factor=float(official_moe.get("eval_capacity_factor", 1.0)),
+            min_capacity=int(official_moe.get("min_capacity", 4)),
+        )
+    try:
+        return moe.resolved(num_layers)
+    except MoEConfigError as err:
+        raise ConvertError(f"config.json: {err}") from None
 
 
 def check_official_llava_fields(official: Mapping) -> tuple[int, str]:
@@ -412,7 +417,7 @@ def build_sparse_config(
     official: Mapping,
     backbone: Backbone,
     vision_config,
-    moe: dict,
+    moe: MoEConfig,
     image_token_id: int,
     text_overrides: Mapping | None = None,
 ):
@@ -433,7 +438,7 @@ def build_sparse_config(
         vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
         image_seq_length=image_seq_length(vision_config, strategy),
-        moe=moe,
+        moe=moe.to_dict(),
     )
     config.architectures = ["MoELlavaForConditionalGeneration"]
     return config
@@ -574,7 +579,7 @@ class ConvertedTensor:
 class ConversionPlan:
     tensors: tuple[ConvertedTensor, ...]
     dropped: tuple[str, ...]  # official tensors left out on purpose (buffers, lm_head.bias)
-    moe: dict = field(default_factory=dict)
+    moe: MoEConfig  # resolved
 
 
 def expected_tensors(config) -> dict[str, tuple[int, ...]]:
@@ -607,7 +612,7 @@ def plan_conversion(
     entries: Mapping[str, tuple[str, tuple[int, ...]]],
     expected: Mapping[str, tuple[int, ...]],
     backbone: Backbone,
-    moe: Mapping,
+    moe: MoEConfig,
     drop_lm_head_bias: bool = False,
     grown_vocab: tuple[int, int] | None = None,
 ) -> ConversionPlan:
@@ -618,7 +623,7 @@ def plan_conversion(
     routers, missing tensors and shape mismatches are collected and raised as one error.
     ``grown_vocab`` (official rows, converted rows): the embedding and head gain zero rows."""
     growable = {_LM + "embed_tokens.weight", "language_model.lm_head.weight"}
-    moe_layers, num_experts = set(moe["layers"]), moe["num_experts"]
+    moe_layers, num_experts = set(moe.layers), moe.num_experts
     out: list[ConvertedTensor] = []
     produced: dict[str, str] = {}
     unknown, dropped, problems = [], [], []
@@ -719,7 +724,7 @@ def plan_conversion(
         lines.append(f"missing tensors ({len(missing)}): {_listing(missing)}")
     if lines:
         raise ConvertError("cannot convert:\n  " + "\n  ".join(lines))
-    return ConversionPlan(tuple(out), tuple(dropped), dict(moe))
+    return ConversionPlan(tuple(out), tuple(dropped), moe)
 
 
 def convert_state_dict(official: Mapping, plan: ConversionPlan) -> dict:
@@ -971,7 +976,7 @@ class ConversionResult:
         return {
             "model_type": self.backbone.official_model_type,
             "text_model_type": self.backbone.text_model_type,
-            "moe": self.plan.moe,
+            "moe": self.plan.moe.to_dict(),
             "template": self.template,
             "image_token_id": self.config.image_token_id,
             "vision_tower": self.config.vision_config.model_type,

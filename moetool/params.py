@@ -319,7 +319,7 @@ def count_config(
 ) -> ParamReport:
     """Counts for a local transformers ``config.json`` (a LLaVA config or a causal LM), with an
     optional MoE plan; no weights are read."""
-    from moetool.recipe.schema import parse_layer_layout, resolve_moe_layers
+    from moetool.models.moe.config import MoEConfig, parse_layer_layout
 
     config_file = Path(path)
     if config_file.is_dir():
@@ -330,11 +330,17 @@ def count_config(
         raise ValueError(f"{config_file}: no such config file") from None
     except (OSError, ValueError) as err:
         raise ValueError(f"{config_file}: not a readable JSON config ({err})") from None
+    moe = None
     if num_experts is not None:
-        if num_experts < 2:
-            raise ValueError(f"--experts must be at least 2, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"--topk must be between 1 and --experts ({num_experts}), got {top_k}")
+        try:
+            layout = parse_layer_layout(layers)
+        except ValueError as err:
+            raise ValueError(f"--layers: {err}") from None
+        moe = MoEConfig(num_experts=num_experts, top_k=top_k, layers=layout)
+        flags = {"num_experts": "--experts", "top_k": "--topk"}
+        problems = [(k, m) for k, m in moe.problems() if k in flags]
+        if problems:
+            raise ValueError("; ".join(f"{flags[k]}: {m}" for k, m in problems))
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
@@ -356,17 +362,11 @@ def count_config(
         else:
             model = AutoModelForCausalLM.from_config(config)
     moe_layers: tuple[int, ...] = ()
-    if num_experts is not None:
-        try:
-            layout = parse_layer_layout(layers)
-        except ValueError as err:
-            raise ValueError(f"--layers: {err}") from None
-        moe_layers = resolve_moe_layers(layout, text.num_hidden_layers)
-        bad = [i for i in moe_layers if not 0 <= i < text.num_hidden_layers]
-        if bad:
-            raise ValueError(
-                f"--layers: index {bad} out of range: the model has {text.num_hidden_layers} layers"
-            )
+    if moe is not None:
+        problems = moe.problems(text.num_hidden_layers)
+        if problems:
+            raise ValueError("; ".join(f"--{key}: {message}" for key, message in problems))
+        moe_layers = moe.layer_indices(text.num_hidden_layers)
     exact = count_model(model, moe_layers, num_experts or 1, top_k if num_experts else 1)
     from torch import nn
 

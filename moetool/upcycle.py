@@ -16,11 +16,12 @@ import shutil
 import struct
 import zlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from moetool import __version__
 from moetool.io import atomic_output_dir
+from moetool.models.moe.config import MoEConfig, MoEConfigError
 
 SAFETENSORS_DTYPE_BYTES = {
     "F64": 8,
@@ -76,58 +77,6 @@ MLP_STRUCTURES = (
 
 
 @dataclass(frozen=True)
-class UpcycleOptions:
-    num_experts: int = 4
-    top_k: int = 2
-    layers: str | tuple[int, ...] = "interval"
-    router_init: str = "normal"  # normal | zeros | kaiming
-    router_std: float = 0.02
-    seed: int = 0
-    drop_upcycling: float = 0.0  # ratio of intermediate neurons re-initialised per expert
-    capacity_factor: float = 0.0
-    eval_capacity_factor: float = 0.0
-    min_capacity: int = 0
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    normalize_top_k: bool = True
-
-    @classmethod
-    def from_moe_section(cls, moe, seed: int = 0) -> UpcycleOptions:
-        """Options equal to a recipe's ``[moe]`` section."""
-        return cls(
-            num_experts=moe.num_experts,
-            top_k=moe.top_k,
-            layers=moe.layers,
-            router_init=moe.router_init,
-            router_std=moe.router_std,
-            seed=seed,
-            drop_upcycling=moe.drop_upcycling,
-            capacity_factor=moe.capacity_factor,
-            eval_capacity_factor=moe.eval_capacity_factor,
-            min_capacity=moe.min_capacity,
-            aux_loss_coef=moe.aux_loss_coef,
-            z_loss_coef=moe.z_loss_coef,
-            normalize_top_k=moe.normalize_top_k,
-        )
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.num_experts < 2:
-            out.append(f"--experts must be at least 2, got {self.num_experts}")
-        if not 1 <= self.top_k <= max(self.num_experts, 1):
-            out.append(
-                f"--topk must be between 1 and --experts ({self.num_experts}), got {self.top_k}"
-            )
-        if self.router_init not in ("normal", "zeros", "kaiming"):
-            out.append(f"--router-init must be normal, zeros or kaiming, got {self.router_init!r}")
-        if self.router_std < 0:
-            out.append(f"--router-std must be >= 0, got {self.router_std}")
-        if not 0.0 <= self.drop_upcycling < 1.0:
-            out.append(f"--drop-upcycling must be in [0, 1), got {self.drop_upcycling}")
-        return out
-
-
-@dataclass(frozen=True)
 class TensorEntry:
     """A tensor inside a safetensors file: where its bytes are, without reading them."""
 
@@ -164,8 +113,8 @@ class UpcyclePlan:
     moe_layers: tuple[int, ...]
     structure: MLPStructure
     hidden_size: int
-    options: UpcycleOptions
-    moe_config: dict = field(default_factory=dict)
+    moe: MoEConfig  # resolved: layers as indices, combine-weight mode decided
+    seed: int = 0  # of the router and Drop-Upcycling initialisation
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
@@ -222,28 +171,16 @@ def plan_upcycle(
     entries: dict[str, TensorEntry | tuple[str, tuple[int, ...]]],
     num_layers: int,
     hidden_size: int,
-    options: UpcycleOptions,
+    moe: MoEConfig,
+    seed: int = 0,
 ) -> UpcyclePlan:
     """Which output tensor comes from which dense tensor. ``entries`` maps names to
     ``TensorEntry`` or ``(dtype, shape)``; order of the output follows the input."""
-    from moetool.recipe.schema import parse_layer_layout, resolve_moe_layers
-
-    problems = options.problems()
-    if problems:
-        raise UpcycleError("; ".join(problems))
-    layout = options.layers
-    if isinstance(layout, str):
-        try:
-            layout = parse_layer_layout(layout)
-        except ValueError as err:
-            raise UpcycleError(f"--layers: {err}") from None
-    moe_layers = resolve_moe_layers(layout, num_layers)
-    bad = [i for i in moe_layers if not 0 <= i < num_layers]
-    if bad:
-        raise UpcycleError(
-            f"--layers: index {bad} out of range: the language model has "
-            f"{num_layers} layers (0 … {num_layers - 1})"
-        )
+    try:
+        moe = moe.resolved(num_layers)
+    except MoEConfigError as err:
+        raise UpcycleError(str(err)) from None
+    moe_layers = moe.layers
 
     def dtype_shape(entry):
         return (entry.dtype, entry.shape) if isinstance(entry, TensorEntry) else entry
@@ -282,7 +219,7 @@ def plan_upcycle(
                 OutputTensor(
                     f"{prefixes[layer]}{layer}.mlp.router.weight",
                     "F32",
-                    (options.num_experts, hidden_size),
+                    (moe.num_experts, hidden_size),
                     None,
                     "router",
                     layer,
@@ -296,7 +233,7 @@ def plan_upcycle(
             if module == structure.out_projection
             else "other"
         )
-        for e in range(options.num_experts):
+        for e in range(moe.num_experts):
             out.append(
                 OutputTensor(
                     f"{prefixes[layer]}{layer}.mlp.experts.{e}.{rest}",
@@ -309,18 +246,7 @@ def plan_upcycle(
                     role,
                 )
             )
-    moe_config = {
-        "num_experts": options.num_experts,
-        "top_k": options.top_k,
-        "layers": list(moe_layers),
-        "capacity_factor": options.capacity_factor,
-        "eval_capacity_factor": options.eval_capacity_factor,
-        "min_capacity": options.min_capacity,
-        "aux_loss_coef": options.aux_loss_coef,
-        "z_loss_coef": options.z_loss_coef,
-        "normalize_top_k": options.normalize_top_k,
-    }
-    return UpcyclePlan(tuple(out), moe_layers, structure, hidden_size, options, moe_config)
+    return UpcyclePlan(tuple(out), moe_layers, structure, hidden_size, moe, seed)
 
 
 def _generator(seed: int, *parts: int):
@@ -336,8 +262,8 @@ def init_router(plan: UpcyclePlan, layer: int):
     kaiming-uniform (nn.Linear's default). numpy keeps streaming upcycles free of torch."""
     import numpy as np
 
-    o = plan.options
-    rng = np.random.default_rng(zlib.crc32(repr((o.seed, 1, layer)).encode()))
+    o = plan.moe
+    rng = np.random.default_rng(zlib.crc32(repr((plan.seed, 1, layer)).encode()))
     shape = (o.num_experts, plan.hidden_size)
     if o.router_init == "normal":
         return rng.normal(0.0, o.router_std, size=shape).astype(np.float32)
@@ -352,15 +278,15 @@ def dropped_neurons(plan: UpcyclePlan, layer: int, expert: int, intermediate: in
     random set per expert, shared by its projections."""
     import torch
 
-    count = round(plan.options.drop_upcycling * intermediate)
-    g = _generator(plan.options.seed, 2, layer, expert)
+    count = round(plan.moe.drop_upcycling * intermediate)
+    g = _generator(plan.seed, 2, layer, expert)
     return torch.randperm(intermediate, generator=g)[:count]
 
 
 def make_expert_tensor(plan: UpcyclePlan, spec: OutputTensor, dense):
     """An expert's tensor from the dense one: an exact copy, or with Drop-Upcycling the chosen
     neurons re-drawn from the dense weight's own mean and std (Nakamura et al., ICLR 2025)."""
-    if plan.options.drop_upcycling == 0 or spec.role not in ("in", "out"):
+    if plan.moe.drop_upcycling == 0 or spec.role not in ("in", "out"):
         return dense.clone()
     import torch
 
@@ -369,7 +295,7 @@ def make_expert_tensor(plan: UpcyclePlan, spec: OutputTensor, dense):
     index = dropped_neurons(plan, spec.layer, spec.expert, intermediate)
     if index.numel() == 0:
         return tensor
-    g = _generator(plan.options.seed, 3, spec.layer, spec.expert, zlib.crc32(spec.name.encode()))
+    g = _generator(plan.seed, 3, spec.layer, spec.expert, zlib.crc32(spec.name.encode()))
     stats = dense.float()
     mean, std = stats.mean().item(), stats.std().item() if stats.numel() > 1 else 0.0
     if spec.role == "in":  # rows (and bias entries) are intermediate neurons
@@ -519,7 +445,8 @@ def load_source_config(src: Path) -> dict:
 def upcycle_checkpoint(
     src: str | Path,
     out: str | Path,
-    options: UpcycleOptions,
+    moe: MoEConfig,
+    seed: int = 0,
     overwrite: bool = False,
     max_shard_bytes: int = 5 * 1024**3,
     progress: Callable[[int, int], None] | None = None,
@@ -539,7 +466,7 @@ def upcycle_checkpoint(
     config = load_source_config(src)
     text = config["text_config"]
     entries = read_checkpoint_index(src)
-    plan = plan_upcycle(entries, text["num_hidden_layers"], text["hidden_size"], options)
+    plan = plan_upcycle(entries, text["num_hidden_layers"], text["hidden_size"], moe, seed)
 
     total = sum(spec.nbytes for spec in plan.tensors)
     written = 0
@@ -562,7 +489,7 @@ def upcycle_checkpoint(
         nonlocal written
         exact_copy = spec.kind == "copy" or (
             spec.kind == "expert"
-            and (options.drop_upcycling == 0 or spec.role not in ("in", "out"))
+            and (plan.moe.drop_upcycling == 0 or spec.role not in ("in", "out"))
         )
         if exact_copy:
             entry = entries[spec.source]
@@ -584,18 +511,14 @@ def upcycle_checkpoint(
             sparse_config = dict(config)
             sparse_config["model_type"] = "moetool_llava"
             sparse_config["architectures"] = ["MoELlavaForConditionalGeneration"]
-            sparse_config["moe"] = plan.moe_config
+            sparse_config["moe"] = plan.moe.to_dict()
             sparse_config["moetool"] = {
                 "version": __version__,
                 "stage": "upcycled",
                 "source": str(src),
-                "upcycle": {
-                    "router_init": options.router_init,
-                    "router_std": options.router_std,
-                    "seed": options.seed,
-                    "drop_upcycling": options.drop_upcycling,
-                    "mlp_structure": plan.structure.name,
-                },
+                # How the routers and experts were made is in `moe` (router_init, router_std,
+                # drop_upcycling); the seed and the FFN layout found complete it.
+                "upcycle": {"seed": plan.seed, "mlp_structure": plan.structure.name},
             }
             (tmp / "config.json").write_text(json.dumps(sparse_config, indent=2) + "\n")
             for item in src.iterdir():

@@ -626,20 +626,20 @@ def test_lm_head_bias_is_refused_unless_dropped(tmp_path):
 def test_routing_is_dropless_by_default_and_keeps_capacity_on_request(tmp_path):
     official = official_config("phi")["moe"]
     default = moe_section_from_official(official, LAYERS)
-    assert default["eval_capacity_factor"] == 0.0 and default["capacity_factor"] == 0.0
-    assert default["layers"] == MOE_LAYERS and default["num_experts"] == EXPERTS
-    assert default["top_k"] == 2 and default["normalize_top_k"] is True
+    assert default.eval_capacity_factor == 0.0 and default.capacity_factor == 0.0
+    assert list(default.layers) == MOE_LAYERS and default.num_experts == EXPERTS
+    assert default.top_k == 2 and default.normalize_top_k is True
     kept = moe_section_from_official(official, LAYERS, keep_capacity=True)
-    assert (kept["capacity_factor"], kept["eval_capacity_factor"], kept["min_capacity"]) == (
+    assert (kept.capacity_factor, kept.eval_capacity_factor, kept.min_capacity) == (
         1.5,
         2.0,
         0,
     )
     top1 = moe_section_from_official({**official, "top_k_experts": 1}, LAYERS)
-    assert top1["normalize_top_k"] is False  # DeepSpeed's top-1 weight is the raw probability
+    assert top1.normalize_top_k is False  # DeepSpeed's top-1 weight is the raw probability
     modes = {"moe_layers_idx": None, "num_experts": [4]}
-    assert moe_section_from_official({**modes, "moe_mode": "second_half"}, 6)["layers"] == [3, 4, 5]
-    assert moe_section_from_official({**modes, "moe_mode": "sparse"}, 6)["layers"] == [0, 2, 4]
+    assert moe_section_from_official({**modes, "moe_mode": "second_half"}, 6).layers == (3, 4, 5)
+    assert moe_section_from_official({**modes, "moe_mode": "sparse"}, 6).layers == (0, 2, 4)
 
 
 def test_dropping_official_capacity_differs_only_when_capacity_binds(tmp_path):

@@ -149,7 +149,7 @@ def recipe_tables() -> dict[type, list[str]]:
 
     def walk(cls, prefix: str) -> None:
         tables.setdefault(cls, []).append(prefix)
-        hints = typing.get_type_hints(cls, vars(schema))
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             child = _dataclass_of(hints[f.name])
             if child is not None:
@@ -165,7 +165,7 @@ EXTRA_KEYS = {schema.Recipe: ["extends"]}
 # Registries whose names the docs list as a key's allowed values.
 REGISTRY_VALUES = {
     (schema.ModelSection, "model_type"): lambda: schema.known_families(),
-    (schema.MoESection, "layers"): lambda: list(schema.LAYER_LAYOUTS),
+    (schema.MoEConfig, "layers"): lambda: list(schema.LAYER_LAYOUTS),
     (schema.StageSection, "trainable"): lambda: list(schema.TRAINABLE_PARTS),
     (schema.DataSection, "template"): lambda: list(_templates()),
 }

@@ -9,7 +9,6 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from moetool.recipe import schema
 from moetool.recipe.schema import Recipe
 
 
@@ -160,7 +159,7 @@ def _build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
     problems on keys already reported are not repeated. Returns ``_INVALID`` when a required key
     is missing or wrong.
     """
-    hints = get_type_hints(cls, vars(schema))
+    hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     path = f"{prefix}." if prefix else ""
     for key in data:

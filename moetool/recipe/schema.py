@@ -12,12 +12,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from moetool.models.families import get_family, known_families
+from moetool.models.moe.config import (  # noqa: F401  (the [moe] section and its layouts)
+    LAYER_LAYOUTS,
+    LayerLayout,
+    MoEConfig,
+    parse_layer_layout,
+    resolve_moe_layers,
+)
 
 # A problem is (dotted key relative to the section, message).
 Problem = tuple[str, str]
-
-LayerLayout = Literal["interval", "first-half", "second-half", "all"] | tuple[int, ...]
-LAYER_LAYOUTS = ("interval", "first-half", "second-half", "all")
 
 TRAINABLE_PARTS = (
     "vision",  # the vision tower
@@ -41,36 +45,6 @@ def _template_problems(name: str) -> list[Problem]:
     if name in TEMPLATES:
         return []
     return [("template", f"unknown conversation template {name!r}; known: {', '.join(TEMPLATES)}")]
-
-
-def parse_layer_layout(text: str) -> LayerLayout:
-    """``interval``, ``first-half``, ``second-half``, ``all`` or a list such as ``0,2,5``."""
-    text = text.strip()
-    if text in LAYER_LAYOUTS:
-        return text
-    try:
-        indices = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(
-            f"expected one of {', '.join(LAYER_LAYOUTS)} or a comma-separated list "
-            f"of layer indices, got {text!r}"
-        ) from None
-    if not indices:
-        raise ValueError("the layer list is empty")
-    return indices
-
-
-def resolve_moe_layers(layout: LayerLayout, num_layers: int) -> tuple[int, ...]:
-    """Indices of the decoder layers that become MoE layers (0-based)."""
-    if layout == "interval":
-        return tuple(range(num_layers)[::2])  # the official code's range(L)[::2]
-    if layout == "first-half":
-        return tuple(range(num_layers // 2))
-    if layout == "second-half":
-        return tuple(range(num_layers // 2, num_layers))
-    if layout == "all":
-        return tuple(range(num_layers))
-    return tuple(sorted(layout))
 
 
 @dataclass(frozen=True)
@@ -194,63 +168,6 @@ class ProjectorSection:
 
 
 @dataclass(frozen=True)
-class MoESection:
-    """The sparse architecture of stage III (paper Eq. 5-11, Table 5)."""
-
-    num_experts: int = 4
-    top_k: int = 2
-    layers: LayerLayout = "interval"
-    capacity_factor: float = 0.0  # training; 0 = dropless
-    eval_capacity_factor: float = 0.0  # evaluation; 0 = dropless
-    min_capacity: int = 0
-    aux_loss_coef: float = 0.01  # alpha of Eq. 7
-    z_loss_coef: float = 0.0
-    normalize_top_k: bool = True  # renormalise top-k probabilities; false = raw Eq. 6 weights
-    router_init: Literal["normal", "zeros", "kaiming"] = "normal"
-    router_std: float = 0.02
-    drop_upcycling: float = 0.0  # Drop-Upcycling re-initialisation ratio; 0 = exact copies
-
-    def problems(self) -> list[Problem]:
-        out: list[Problem] = []
-        if self.num_experts < 2:
-            out.append(
-                (
-                    "num_experts",
-                    f"must be at least 2, got {self.num_experts} "
-                    "(a dense model has no [moe] section)",
-                )
-            )
-        if self.top_k < 1:
-            out.append(("top_k", f"must be at least 1, got {self.top_k}"))
-        elif self.top_k > self.num_experts:
-            out.append(
-                ("top_k", f"{self.top_k} is greater than moe.num_experts ({self.num_experts})")
-            )
-        for key in (
-            "capacity_factor",
-            "eval_capacity_factor",
-            "aux_loss_coef",
-            "z_loss_coef",
-            "router_std",
-            "min_capacity",
-        ):
-            value = getattr(self, key)
-            if not math.isfinite(value) or value < 0:
-                out.append((key, f"must be a finite number >= 0, got {value}"))
-        if not 0.0 <= self.drop_upcycling < 1.0:
-            out.append(("drop_upcycling", f"must be in [0, 1), got {self.drop_upcycling}"))
-        if isinstance(self.layers, tuple):
-            if not self.layers:
-                out.append(("layers", "the explicit layer list is empty"))
-            if len(set(self.layers)) != len(self.layers):
-                out.append(("layers", f"repeats a layer index: {list(self.layers)}"))
-            negative = [i for i in self.layers if i < 0]
-            if negative:
-                out.append(("layers", f"layer indices must be >= 0, got {negative}"))
-        return out
-
-
-@dataclass(frozen=True)
 class DataSection:
     root: str = ""  # folder the stage data files are relative to
     image_folder: str = ""
@@ -365,7 +282,7 @@ class Recipe:
     model: ModelSection
     vision: VisionSection = field(default_factory=VisionSection)
     projector: ProjectorSection = field(default_factory=ProjectorSection)
-    moe: MoESection | None = None
+    moe: MoEConfig | None = None  # the sparse architecture of stage III
     data: DataSection = field(default_factory=DataSection)
     stages: Stages = field(default_factory=Stages)
     paper: PaperRef = field(default_factory=PaperRef)
@@ -374,16 +291,14 @@ class Recipe:
     def problems(self) -> list[Problem]:
         """Checks that span sections; keys are full dotted TOML keys."""
         out: list[Problem] = []
-        if self.moe is not None and isinstance(self.moe.layers, tuple):
-            too_big = [i for i in self.moe.layers if i >= self.model.num_layers]
-            if too_big:
-                out.append(
-                    (
-                        "moe.layers",
-                        f"layer index {too_big} out of range: the model has "
-                        f"{self.model.num_layers} layers (0 … {self.model.num_layers - 1})",
-                    )
-                )
+        if self.moe is not None:
+            # The section's own checks ran when it was read; this adds the model's depth.
+            own = set(self.moe.problems())
+            out.extend(
+                (f"moe.{key}", message)
+                for key, message in self.moe.problems(self.model.num_layers)
+                if (key, message) not in own
+            )
         for name, stage in self.stages.present().items():
             sparse_parts = [p for p in stage.trainable if p in SPARSE_ONLY_PARTS]
             if sparse_parts and (name != "moe_tune" or self.moe is None):
@@ -401,4 +316,4 @@ class Recipe:
     def moe_layer_indices(self) -> tuple[int, ...]:
         if self.moe is None:
             return ()
-        return resolve_moe_layers(self.moe.layers, self.model.num_layers)
+        return self.moe.layer_indices(self.model.num_layers)

@@ -42,56 +42,53 @@ class RoutingCapture:
 
 def capture_routing(model, batches) -> RoutingCapture:
     """Run ``model`` (a sparse moetool LVLM) over ``batches`` (dicts of model inputs with
-    ``input_ids`` and ``attention_mask``) and collect the routing of every non-padding token."""
+    ``input_ids`` and ``attention_mask``) and collect the routing of every non-padding token:
+    the routing each MoE block takes from the router logits the model returns."""
     if not hasattr(model, "moe_blocks") or not model.moe_blocks():
         raise ValueError("the model has no MoE layers: routing needs a sparse checkpoint")
     layers = model.moe_layer_indices()
     blocks = model.moe_blocks()
-    model.set_routing_records(True)
+    image_token = model.config.image_token_id
     frames = []
     offset = 0
-    try:
-        model.eval()
-        for batch in batches:
-            with torch.no_grad():
-                model(**batch)
-            batch_size, length = batch["input_ids"].shape
-            sample = torch.arange(batch_size).repeat_interleave(length) + offset
-            position = torch.arange(length).repeat(batch_size)
-            for layer, block in zip(layers, blocks, strict=True):
-                rec = block.last_routing
-                valid = (
-                    rec.token_mask
-                    if rec.token_mask is not None
-                    else torch.ones(len(sample), dtype=torch.bool)
+    model.eval()
+    for batch in batches:
+        with torch.no_grad():
+            out = model(**batch, router_losses=False, output_router_logits=True)
+        ids = batch["input_ids"]
+        batch_size, length = ids.shape
+        sample = torch.arange(batch_size).repeat_interleave(length) + offset
+        position = torch.arange(length).repeat(batch_size)
+        mask = batch.get("attention_mask")
+        valid = (
+            torch.ones(len(sample), dtype=torch.bool)
+            if mask is None
+            else mask.reshape(-1).bool().cpu()
+        )
+        image = (ids == image_token).reshape(-1).cpu()
+        for layer, block, logits in zip(layers, blocks, out.router_logits, strict=True):
+            routing = block.routing(logits)
+            k = routing.expert_index.shape[1]
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "sample": sample[valid].repeat_interleave(k).numpy(),
+                        "position": position[valid].repeat_interleave(k).numpy(),
+                        "layer": layer,
+                        "modality": pd.Categorical(
+                            ["image" if m else "text" for m in image[valid].repeat_interleave(k)],
+                            categories=["text", "image"],
+                        ),
+                        "rank": torch.arange(k).repeat(int(valid.sum())).numpy(),
+                        "expert": routing.expert_index.cpu()[valid].reshape(-1).numpy(),
+                        "weight": routing.combine_weight.cpu()[valid].reshape(-1).float().numpy(),
+                    }
                 )
-                image = rec.image_mask if rec.image_mask is not None else torch.zeros_like(valid)
-                k = rec.expert_index.shape[1]
-                frames.append(
-                    pd.DataFrame(
-                        {
-                            "sample": sample[valid].repeat_interleave(k).numpy(),
-                            "position": position[valid].repeat_interleave(k).numpy(),
-                            "layer": layer,
-                            "modality": pd.Categorical(
-                                [
-                                    "image" if m else "text"
-                                    for m in image[valid].repeat_interleave(k)
-                                ],
-                                categories=["text", "image"],
-                            ),
-                            "rank": torch.arange(k).repeat(int(valid.sum())).numpy(),
-                            "expert": rec.expert_index[valid].reshape(-1).numpy(),
-                            "weight": rec.combine_weight[valid].reshape(-1).float().numpy(),
-                        }
-                    )
-                )
-            offset += batch_size
-    finally:
-        model.set_routing_records(False)
-    options = blocks[0].options
+            )
+        offset += batch_size
+    config = model.moe_config
     return RoutingCapture(
-        pd.concat(frames, ignore_index=True), options.num_experts, options.top_k, layers
+        pd.concat(frames, ignore_index=True), config.num_experts, config.top_k, layers
     )
 
 

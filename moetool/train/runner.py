@@ -26,11 +26,12 @@ class TrainingError(RuntimeError):
     pass
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Non-reentrant activation (gradient) checkpointing of every decoder layer, through
-    transformers' ``activation_checkpointing_enable`` where it exists; the older name,
-    ``gradient_checkpointing_enable``, warns that it goes in transformers v6."""
-    kwargs = {"use_reentrant": False}
+def enable_activation_checkpointing(model, reentrant: bool = False) -> None:
+    """Activation (gradient) checkpointing of every decoder layer (non-reentrant unless asked),
+    through transformers' ``activation_checkpointing_enable`` where it exists; the older name,
+    ``gradient_checkpointing_enable``, warns that it goes in transformers v6. The sparse model
+    gives the same loss and gradients either way."""
+    kwargs = {"use_reentrant": reentrant}
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -145,13 +146,14 @@ def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: 
     sparse = config.get("model_type") == "moetool_llava"
     if stage_name == "moe_tune" and recipe.moe is not None and not sparse:
         # Upcycle on the fly from the recipe's [moe] section (exact copies of the FFNs).
-        from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
+        from moetool.upcycle import upcycle_checkpoint
 
         target = work / "upcycled"
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if rank == 0:  # one process writes, the others wait for it
-            options = UpcycleOptions.from_moe_section(recipe.moe, recipe.stages.moe_tune.seed)
-            upcycle_checkpoint(init, target, options, overwrite=True)
+            upcycle_checkpoint(
+                init, target, recipe.moe, seed=recipe.stages.moe_tune.seed, overwrite=True
+            )
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         init = target

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moetool.models.moe import MoEBlock, MoEOptions
+from moetool.models.moe import MoEBlock, MoEConfig
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_layer.py"
 
@@ -27,7 +27,7 @@ def bench():
 def _pair(bench, num_experts):
     torch.manual_seed(0)
     dense = bench.SwiGLU(16, 32)
-    block = MoEBlock.upcycle(dense, 16, MoEOptions(num_experts=num_experts, top_k=2))
+    block = MoEBlock.upcycle(dense, 16, MoEConfig(num_experts=num_experts, top_k=2))
     torch.nn.init.normal_(block.router.weight, std=0.5)
     return dense, block
 
@@ -54,7 +54,7 @@ def test_experts_alone_runs_the_blocks_routing_gave(bench):
     dense, block = _pair(bench, 4)
     x = torch.randn(64, 16)
     alone = bench.ExpertsAlone.routed(block, x)
-    routed = torch.bincount(block.route(x)[1].expert_index.reshape(-1), minlength=4)
+    routed = torch.bincount(block.routing(block.router(x)).expert_index.reshape(-1), minlength=4)
     assert alone.counts == routed.tolist()
     out = alone(x)
     assert out.shape == (128, 16)
@@ -78,7 +78,8 @@ TINY_LAYER = ("--d-model", "16", "--ffn", "32", "--tokens", "64", "--experts", "
 
 def test_moe_layer_script_prints_its_json():
     data = run_json("moe_layer.py", *TINY_LAYER)
-    names = ["moetool_e4", "experts_alone_e4", "loop_stacked_e4", "capacity_einsum_e4"]
+    names = ["moetool_e4", "moetool_with_losses_e4", "experts_alone_e4", "loop_stacked_e4"]
+    names.append("capacity_einsum_e4")
     assert set(data["ratio_to_dense"]) == set(names)
     assert data["setting"]["samples"] == 2
     assert all(value > 0 for value in data["seconds_median"].values())
@@ -108,3 +109,14 @@ def test_eval_throughput_script_prints_its_json():
         assert set(data["samples_per_s"][batch]) >= {"dense", "moe", "moe_as_before"}
     block = data["moe_block_one_token_us"]
     assert block["now"] > 0 and block["as_before"] > 0
+
+
+def test_block_with_losses_adds_the_models_router_losses(bench):
+    from moetool.models.moe import router_losses
+
+    _, block = _pair(bench, 4)
+    x = torch.randn(64, 16)
+    aux, z = router_losses([block.router(x)])
+    torch.testing.assert_close(
+        bench.BlockWithLosses(block)(x).sum(), block(x).sum() + 0.01 * aux + 0.001 * z
+    )

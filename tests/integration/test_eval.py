@@ -17,9 +17,10 @@ BIN = Path(sys.executable).parent
 def world(tmp_path_factory):
     """Synthetic data (with its lmms-eval datasets) and a tiny random sparse checkpoint."""
     from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.models.moe.config import MoEConfig
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
-    from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
+    from moetool.upcycle import upcycle_checkpoint
 
     root = tmp_path_factory.mktemp("eval")
     subprocess.run(
@@ -44,7 +45,7 @@ def world(tmp_path_factory):
     )
     model, processor = build_random_lvlm(load_recipe(recipes_root() / "tiny/qwen2.toml"))
     save_checkpoint(model, processor, root / "dense")
-    upcycle_checkpoint(root / "dense", root / "moe", UpcycleOptions())
+    upcycle_checkpoint(root / "dense", root / "moe", MoEConfig())
     return root
 
 

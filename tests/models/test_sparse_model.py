@@ -6,12 +6,15 @@ import pytest
 import torch
 
 import moetool  # noqa: F401  (registers the sparse model with the Auto classes)
+from moetool.models import modeling_moe_llava as modeling
 from moetool.models.build import build_random_lvlm, save_checkpoint
 from moetool.models.modeling_moe_llava import decoder_layers
+from moetool.models.moe import router_losses
+from moetool.models.moe.config import MoEConfig
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
 from moetool.train.runner import enable_activation_checkpointing
-from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
+from moetool.upcycle import upcycle_checkpoint
 
 FAMILIES = ["phi", "stablelm", "qwen2", "llama", "mistral", "qwen3", "gemma2"]
 
@@ -46,7 +49,7 @@ def test_upcycled_model_is_exact_through_from_pretrained(family, dense_checkpoin
     from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
     src = dense_checkpoints[family]
-    upcycle_checkpoint(src, tmp_path / "sparse", UpcycleOptions(router_std=1.0))
+    upcycle_checkpoint(src, tmp_path / "sparse", MoEConfig(router_std=1.0))
     dense = LlavaForConditionalGeneration.from_pretrained(src).eval()
     sparse = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse").eval()
     assert type(sparse).__name__ == "MoELlavaForConditionalGeneration"
@@ -97,7 +100,7 @@ def test_output_holds_every_field_of_the_installed_llava_output(dense_checkpoint
     from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
     src = dense_checkpoints["llama"]
-    upcycle_checkpoint(src, tmp_path / "sparse", UpcycleOptions(router_std=1.0))
+    upcycle_checkpoint(src, tmp_path / "sparse", MoEConfig(router_std=1.0))
     dense = LlavaForConditionalGeneration.from_pretrained(src).eval()
     sparse = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse").eval()
     ids, pixels, mask = make_inputs(dense.config)
@@ -152,7 +155,7 @@ def test_raw_weights_option_changes_the_output(dense_checkpoints, tmp_path):
     from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
     src = dense_checkpoints["llama"]
-    upcycle_checkpoint(src, tmp_path / "raw", UpcycleOptions(normalize_top_k=False, router_std=1.0))
+    upcycle_checkpoint(src, tmp_path / "raw", MoEConfig(normalize_top_k=False, router_std=1.0))
     dense = LlavaForConditionalGeneration.from_pretrained(src).eval()
     sparse = AutoModelForImageTextToText.from_pretrained(tmp_path / "raw").eval()
     ids, pixels, mask = make_inputs(dense.config)
@@ -174,7 +177,7 @@ def test_loss_is_lm_plus_alpha_aux_and_save_load_round_trip(dense_checkpoints, t
     upcycle_checkpoint(
         dense_checkpoints["qwen2"],
         tmp_path / "s",
-        UpcycleOptions(aux_loss_coef=0.5, router_std=1.0),
+        MoEConfig(aux_loss_coef=0.5, router_std=1.0),
     )
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").eval()
     ids, pixels, mask = make_inputs(model.config)
@@ -194,10 +197,10 @@ def test_loss_is_lm_plus_alpha_aux_and_save_load_round_trip(dense_checkpoints, t
         )
 
 
-def test_router_losses_are_left_out_of_decoding_only(dense_checkpoints, tmp_path):
+def test_router_losses_are_left_out_of_decoding_only(dense_checkpoints, tmp_path, monkeypatch):
     from transformers import AutoModelForImageTextToText
 
-    upcycle_checkpoint(dense_checkpoints["llama"], tmp_path / "s", UpcycleOptions(router_std=1.0))
+    upcycle_checkpoint(dense_checkpoints["llama"], tmp_path / "s", MoEConfig(router_std=1.0))
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").eval()
     ids, pixels, mask = make_inputs(model.config)
     kwargs = dict(input_ids=ids, pixel_values=pixels, attention_mask=mask)
@@ -210,35 +213,44 @@ def test_router_losses_are_left_out_of_decoding_only(dense_checkpoints, tmp_path
     assert torch.equal(bare.logits, full.logits)
     torch.testing.assert_close(labelled.aux_loss, full.aux_loss)  # training always has them
     generate = dict(kwargs, max_new_tokens=4, do_sample=False)
+    calls = []
+    real = modeling.compute_router_losses
+    monkeypatch.setattr(modeling, "compute_router_losses", lambda *a: calls.append(1) or real(*a))
     tokens = model.generate(**generate)
-    assert all(block.aux_loss is None for block in model.moe_blocks())
+    assert calls == []  # decoding computes no router loss
     assert torch.equal(model.generate(**generate, router_losses=True), tokens)
-    assert all(block.aux_loss is not None for block in model.moe_blocks())
+    assert len(calls) == 4  # one per decoding step when asked
 
 
-def test_routing_records_mark_image_tokens(dense_checkpoints, tmp_path):
+def test_router_logits_are_returned_per_moe_layer(dense_checkpoints, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    upcycle_checkpoint(dense_checkpoints["phi"], tmp_path / "s", UpcycleOptions())
+    upcycle_checkpoint(dense_checkpoints["phi"], tmp_path / "s", MoEConfig(num_experts=3))
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").eval()
-    model.set_routing_records(True)
     ids, pixels, mask = make_inputs(model.config)
     with torch.no_grad():
-        model(input_ids=ids, pixel_values=pixels, attention_mask=mask)
-    for block in model.moe_blocks():
-        rec = block.last_routing
-        assert rec.expert_index.shape == (ids.numel(), 2)
-        assert rec.image_mask.sum().item() == 2 * model.config.image_seq_length
-        assert rec.token_mask.sum().item() == mask.sum().item()
-        # Kept until the next forward, for gradient-checkpointing recomputation.
-        assert torch.equal(block.token_mask, mask.bool())
+        out = model(
+            input_ids=ids, pixel_values=pixels, attention_mask=mask, output_router_logits=True
+        )
+        plain = model(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    assert plain.router_logits is None
+    assert len(out.router_logits) == 2
+    assert all(t.shape == (ids.numel(), 3) for t in out.router_logits)
+    # The losses are computed from exactly these logits, padding left out.
+    aux, z = router_losses(out.router_logits, mask.reshape(-1).bool())
+    torch.testing.assert_close(out.aux_loss, aux)
+    torch.testing.assert_close(out.z_loss, z)
+    unmasked, _ = router_losses(out.router_logits)
+    assert not torch.allclose(unmasked, aux)  # the padding in make_inputs counts otherwise
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(input_ids=ids, pixel_values=pixels, attention_mask=mask[:1])
 
 
 def test_loading_needs_no_deepspeed(dense_checkpoints, tmp_path):
     import subprocess
     import sys
 
-    upcycle_checkpoint(dense_checkpoints["llama"], tmp_path / "s", UpcycleOptions())
+    upcycle_checkpoint(dense_checkpoints["llama"], tmp_path / "s", MoEConfig())
     code = (
         "import sys, moetool, torch\n"
         "from transformers import AutoModelForImageTextToText\n"
@@ -251,34 +263,44 @@ def test_loading_needs_no_deepspeed(dense_checkpoints, tmp_path):
     assert out == ["MoELlavaForConditionalGeneration", "False"]
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(dense_checkpoints, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_loss_and_gradients_equal_under_every_kind_of_checkpointing(
+    family, dense_checkpoints, tmp_path
+):
+    """No checkpointing, non-reentrant and reentrant: the same loss and every gradient. The
+    router losses count (alpha 0.5, z 0.1): reentrant checkpointing first runs a layer under
+    no_grad, so router logits kept from inside it would train nothing."""
     from transformers import AutoModelForImageTextToText
 
     upcycle_checkpoint(
-        dense_checkpoints["llama"],
+        dense_checkpoints[family],
         tmp_path / "s",
-        UpcycleOptions(router_std=1.0, capacity_factor=0.75),
+        MoEConfig(router_std=1.0, capacity_factor=0.75, aux_loss_coef=0.5, z_loss_coef=0.1),
     )
     ids, pixels, mask = make_inputs(
         AutoModelForImageTextToText.from_pretrained(tmp_path / "s").config
     )
-    grads = []
-    for checkpointing in (False, True):
+    results = {}
+    for mode in ("off", "non-reentrant", "reentrant", "lm only"):
         model = AutoModelForImageTextToText.from_pretrained(tmp_path / "s").train()
-        if checkpointing:
+        if mode in ("non-reentrant", "reentrant"):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # no deprecated transformers API
-                enable_activation_checkpointing(model)
+                enable_activation_checkpointing(model, reentrant=mode == "reentrant")
             assert all(layer.gradient_checkpointing for layer in decoder_layers(model))
         out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=ids)
-        out.loss.backward()
-        grads.append(
-            {
-                n: p.grad.clone()
-                for n, p in model.named_parameters()
-                if p.grad is not None and ".mlp." in n
-            }
-        )
-    assert grads[0].keys() == grads[1].keys() and any("router" in n for n in grads[0])
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5)
+        (out.lm_loss if mode == "lm only" else out.loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[mode] = (out.loss.detach(), grads)
+    loss, grads = results["off"]
+    assert any(".experts." in n for n in grads) and any("lm_head" in n for n in grads)
+    for mode in ("non-reentrant", "reentrant"):
+        other_loss, other = results[mode]
+        torch.testing.assert_close(other_loss, loss, atol=1e-6, rtol=0)
+        assert other.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(other[name], grads[name], atol=1e-6, rtol=1e-5)
+    # The router losses do move the routers: without them the gradients differ.
+    lm_only = results["lm only"][1]
+    routers = [n for n in grads if n.endswith("router.weight")]
+    assert routers and all((lm_only[n] - grads[n]).abs().max() > 1e-4 for n in routers)

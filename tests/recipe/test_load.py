@@ -152,7 +152,7 @@ def test_bad_recipe_reports_every_problem_at_once(tmp_path):
         "stages.instruct.lr",  # negative lr
         "moe.layers",  # index out of range
     ], err.problems
-    assert "greater than moe.num_experts (4)" in text
+    assert "greater than num_experts (4)" in text
     assert "[7]" in text and "4 layers" in text
     assert "expected an integer, got 'big'" in text
 

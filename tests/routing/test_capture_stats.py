@@ -6,11 +6,12 @@ import torch
 
 import moetool  # noqa: F401
 from moetool.models.build import build_random_lvlm, save_checkpoint
+from moetool.models.moe.config import MoEConfig
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
 from moetool.routing.capture import RoutingCapture, capture_routing
 from moetool.routing.stats import balance, expert_load, modality_share, top_pathways
-from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
+from moetool.upcycle import upcycle_checkpoint
 
 LAYERS = [1, 2]
 
@@ -25,7 +26,7 @@ def sparse(tmp_path_factory):
     upcycle_checkpoint(
         root / "dense",
         root / "moe",
-        UpcycleOptions(num_experts=8, top_k=2, layers="1,2", router_std=1.0),
+        MoEConfig(num_experts=8, top_k=2, layers=(1, 2), router_std=1.0),
     )
     return AutoModelForImageTextToText.from_pretrained(root / "moe").eval()
 

@@ -19,9 +19,10 @@ def run(*args):
 @pytest.mark.integration
 def test_capture_stats_plot(tmp_path):
     from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.models.moe.config import MoEConfig
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
-    from moetool.upcycle import UpcycleOptions, upcycle_checkpoint
+    from moetool.upcycle import upcycle_checkpoint
 
     assert (
         run(
@@ -46,7 +47,7 @@ def test_capture_stats_plot(tmp_path):
     upcycle_checkpoint(
         tmp_path / "dense",
         tmp_path / "moe",
-        UpcycleOptions(num_experts=8, layers="1,3", router_std=1.0),
+        MoEConfig(num_experts=8, layers=(1, 3), router_std=1.0),
     )
     args = [
         "--data",

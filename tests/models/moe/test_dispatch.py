@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetool.models.moe import MoEBlock, MoEOptions, dispatch_combine, route
+from moetool.models.moe import (
+    MoEBlock,
+    MoEConfig,
+    dispatch_combine,
+    recording_router_logits,
+    route,
+)
 
 
 class Gated(nn.Module):
@@ -86,30 +92,38 @@ def test_upcycled_block_equals_its_dense_mlp():
     torch.manual_seed(1)
     mlp = Gated()
     dense = copy.deepcopy(mlp)
-    block = MoEBlock.upcycle(mlp, 16, MoEOptions(num_experts=4, top_k=2))
+    block = MoEBlock.upcycle(mlp, 16, MoEConfig(num_experts=4, top_k=2))
     nn.init.normal_(block.router.weight, std=1.0)
     x = torch.randn(2, 7, 16)
     torch.testing.assert_close(block(x), dense(x), atol=1e-6, rtol=1e-5)
-    assert block.aux_loss is not None and block.aux_loss.item() > 0
 
 
-def test_block_records_routing_and_uses_masks():
-    block = MoEBlock.upcycle(TwoLayer(), 16, MoEOptions(num_experts=4, top_k=2))
-    block.record_routing = True
-    block.token_mask = torch.tensor([[True, True, False]])
-    block.image_mask = torch.tensor([[True, False, False]])
-    block(torch.randn(1, 3, 16))
-    rec = block.last_routing
-    assert rec.expert_index.shape == (3, 2) and rec.probs.shape == (3, 4)
-    assert rec.token_mask.tolist() == [True, True, False]
-    assert rec.image_mask.tolist() == [True, False, False]
+def test_block_is_stateless_and_its_router_logits_are_recorded():
+    torch.manual_seed(2)
+    block = MoEBlock.upcycle(TwoLayer(), 16, MoEConfig(num_experts=4, top_k=2)).train()
+    before = dict(vars(block))
+    x = torch.randn(1, 3, 16, requires_grad=True)
+    block(x).sum().backward()  # outside a recording: nothing is kept anywhere
+    with recording_router_logits() as logits:
+        out = block(x)
+    assert vars(block).keys() == before.keys()
+    assert all(vars(block)[k] is v for k, v in before.items())  # no attribute written
+    assert len(logits) == 1 and logits[0].shape == (3, 4) and logits[0].dtype == torch.float32
+    torch.testing.assert_close(logits[0], x.detach().reshape(3, 16) @ block.router.weight.t())
+    routing = block.routing(logits[0])
+    expected = sum(
+        routing.combine_weight[:, j : j + 1]
+        * torch.stack([block.experts[e](x[0, t]) for t, e in enumerate(routing.expert_index[:, j])])
+        for j in range(2)
+    )
+    torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_capacity_applies_in_training_only_by_default():
-    block = MoEBlock.upcycle(TwoLayer(), 16, MoEOptions(4, 2, capacity_factor=0.5))
+    block = MoEBlock.upcycle(TwoLayer(), 16, MoEConfig(4, 2, capacity_factor=0.5))
     assert block.train().capacity(100) == 25
     assert block.eval().capacity(100) is None
-    block = MoEBlock.upcycle(TwoLayer(), 16, MoEOptions(4, 2, eval_capacity_factor=2.0))
+    block = MoEBlock.upcycle(TwoLayer(), 16, MoEConfig(4, 2, eval_capacity_factor=2.0))
     assert block.eval().capacity(100) == 100
 
 
@@ -123,7 +137,7 @@ def _calls(block):
 
 def _one_token_block():
     torch.manual_seed(3)
-    block = MoEBlock.upcycle(Gated(), 16, MoEOptions(num_experts=8, top_k=2))
+    block = MoEBlock.upcycle(Gated(), 16, MoEConfig(num_experts=8, top_k=2))
     nn.init.normal_(block.router.weight, std=1.0)
     return block.eval(), torch.randn(1, 1, 16)  # one decoded token: 2 of 8 experts
 
@@ -174,3 +188,17 @@ def test_one_token_inference_path_equals_the_sorted_dispatch(top_k, capacity):
     torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
     if top_k <= 2:  # two terms add in either order to the same bits
         assert torch.equal(fast, plain)
+
+
+def test_top1_weight_is_the_raw_probability_and_carries_a_gradient():
+    logits = torch.randn(6, 4, requires_grad=True)
+    raw = route(logits, 1, normalize=False)
+    torch.testing.assert_close(raw.combine_weight[:, 0], torch.softmax(logits, -1).max(-1).values)
+    raw.combine_weight.sum().backward()
+    assert logits.grad.abs().max() > 0
+    # Renormalising a single weight gives 1 for every token: no gradient reaches the router.
+    logits.grad = None
+    renormalised = route(logits, 1, normalize=True)
+    assert torch.equal(renormalised.combine_weight, torch.ones(6, 1))
+    renormalised.combine_weight.sum().backward()
+    assert logits.grad is None or logits.grad.abs().max() == 0
