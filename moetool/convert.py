@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moetool import __version__
-from moetool.io import atomic_output_dir
+from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
 from moetool.models.moe.config import MoEConfig, MoEConfigError, resolve_moe_layers
 from moetool.upcycle import (
     SAFETENSORS_DTYPE_BYTES,
@@ -1028,8 +1028,11 @@ def convert_checkpoint(
         raise ConvertError(f"{src}: no such checkpoint directory")
     if out.exists() and not overwrite:
         raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
-    if out.resolve() == src.resolve():
-        raise ConvertError("OUT must differ from SRC")
+    inputs = [src, options.tokenizer, options.vision_config]
+    try:
+        check_overwrite(out, inputs)
+    except UnsafeOverwriteError as err:
+        raise ConvertError(str(err)) from None
     official = load_official_config(src)
     backbone = get_backbone(official.get("model_type"))
     text_kwargs = text_config_kwargs(official, backbone)
@@ -1089,7 +1092,7 @@ def convert_checkpoint(
             if progress:
                 progress(written, total)
 
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
             write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes)
             config.save_pretrained(tmp)
             processor.save_pretrained(tmp)

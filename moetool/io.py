@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -17,18 +17,59 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+class UnsafeOverwriteError(ValueError):
+    """Replacing an output would delete one of the command's own inputs."""
+
+
+def inputs_inside(out: str | Path, inputs: Iterable[str | Path | None]) -> list[Path]:
+    """The ``inputs`` that ``out`` is or contains: removing ``out`` would delete them."""
+    root = Path(out).resolve()
+    found = []
+    for item in inputs:
+        if item is None:
+            continue
+        path = Path(item).resolve()
+        if path == root or root in path.parents:
+            found.append(Path(item))
+    return found
+
+
+def check_overwrite(out: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output that is, or contains, one of ``inputs``: replacing it would delete
+    what the command reads. Raises ``UnsafeOverwriteError`` naming them."""
+    inside = inputs_inside(out, inputs)
+    if inside:
+        names = ", ".join(str(p) for p in inside)
+        raise UnsafeOverwriteError(
+            f"{out} contains this command's input {names}: writing there would replace it; "
+            "choose another output directory"
+        )
+
+
+def default_mode(directory: bool = True) -> int:
+    """The permission bits a new file or directory gets under the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()
+) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success it replaces ``out``.
 
-    Refuses an existing ``out`` unless ``overwrite``; on failure the temporary directory is
-    removed and ``out`` is left as it was.
+    Refuses an existing ``out`` unless ``overwrite``, and an ``out`` that is or contains one of
+    ``inputs``; on failure the temporary directory is removed and ``out`` is left as it was.
+    The directory gets the umask's permissions (as ``mkdir`` would), not ``mkdtemp``'s 0700.
     """
     out = Path(out)
+    check_overwrite(out, inputs)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(default_mode())
     try:
         yield tmp
     except BaseException:

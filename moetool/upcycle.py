@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moetool import __version__
-from moetool.io import atomic_output_dir
+from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
 from moetool.models.moe.config import MoEConfig, MoEConfigError
 
 SAFETENSORS_DTYPE_BYTES = {
@@ -461,8 +461,10 @@ def upcycle_checkpoint(
         raise UpcycleError(f"{src}: no such checkpoint directory")
     if out.exists() and not overwrite:
         raise UpcycleError(f"{out} already exists (pass --overwrite to replace it)")
-    if out.resolve() == src.resolve():
-        raise UpcycleError("OUT must differ from SRC")
+    try:
+        check_overwrite(out, [src])
+    except UnsafeOverwriteError as err:
+        raise UpcycleError(str(err)) from None
     config = load_source_config(src)
     text = config["text_config"]
     entries = read_checkpoint_index(src)
@@ -506,7 +508,7 @@ def upcycle_checkpoint(
             progress(written, total)
 
     try:
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, inputs=[src]) as tmp:
             write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes)
             sparse_config = dict(config)
             sparse_config["model_type"] = "moetool_llava"

@@ -48,17 +48,19 @@ def capture(
 ) -> None:
     """Record every token's experts, weights and modality in every MoE layer."""
     from moetool.data.llava_json import DataError
-    from moetool.io import OutputExistsError, atomic_output_dir
+    from moetool.io import OutputExistsError, atomic_output_dir, check_overwrite
     from moetool.routing.capture import capture_from_eval_data, capture_from_llava_json
 
     if task is not None and len(data) != 1:
         fail("--task reads one --data directory (the one `moetool eval --data` reads)")
+    inputs = [model, *data, image_folder if task is None else None]
     try:
+        check_overwrite(out, inputs)  # before the model runs
         if task is not None:
             result = capture_from_eval_data(model, task, data[0], limit, batch_size)
         else:
             result = capture_from_llava_json(model, data, image_folder, limit, batch_size, template)
-        with atomic_output_dir(out, overwrite) as tmp:
+        with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
             result.save(tmp)
     except (ValueError, DataError, OutputExistsError, OSError) as err:
         fail(str(err))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moetool.eval.datasets import REQUIRED_COLUMNS, TASK_DATA
+from moetool.io import UnsafeOverwriteError, check_overwrite
 
 # moetool task name -> the lmms-eval tasks it runs.
 TASKS = {
@@ -149,6 +150,11 @@ def run_eval(
     check_data(task, data)
     if lmms_model is None and not (Path(model) / "config.json").is_file():
         raise EvalError(f"--model {model}: not a checkpoint directory (no config.json)")
+    inputs = [data] if lmms_model is not None else [model, data]
+    try:
+        check_overwrite(out, inputs)
+    except UnsafeOverwriteError as err:
+        raise EvalError(str(err)) from None
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise EvalError(f"{out} already holds results (pass --overwrite to replace them)")
     # Offline hub access, and a dummy judge API for MM-Vet without one: set for the evaluation
@@ -205,7 +211,8 @@ def _evaluate(task, model, data, out, limit, batch_size, device, lmms_model, not
     manager = TaskManager(
         include_path=[str(root / f) for f in folders], include_defaults=False, model_name="moetool"
     )
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    inputs = [data] if lmms_model is not None else [model, data]
+    with atomic_output_dir(out, overwrite=True, inputs=inputs) as tmp:
         # lmms-eval's progress bars (some ignore TQDM_DISABLE) and warnings: a log beside the
         # results, not the command's output.
         with held_output("stderr") as lmms_log:

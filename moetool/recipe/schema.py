@@ -205,6 +205,7 @@ class StageSection:
     gradient_checkpointing: bool = True
     max_grad_norm: float = 1.0
     save_steps: int = 0  # 0 = only at the end
+    save_total_limit: int = 2  # complete checkpoints kept in <stage>-state; 0 = all
     seed: int = 42
 
     def problems(self) -> list[Problem]:
@@ -222,11 +223,11 @@ class StageSection:
             out.append(("lr", f"must be > 0, got {self.lr}"))
         if not 0.0 <= self.warmup_ratio < 1.0:
             out.append(("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"))
-        if self.weight_decay < 0:
-            out.append(("weight_decay", f"must be >= 0, got {self.weight_decay}"))
-        if self.epochs <= 0:
-            out.append(("epochs", f"must be > 0, got {self.epochs}"))
-        for key in ("max_steps", "save_steps"):
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            out.append(("weight_decay", f"must be a finite number >= 0, got {self.weight_decay}"))
+        if not math.isfinite(self.epochs) or self.epochs <= 0:
+            out.append(("epochs", f"must be a finite number > 0, got {self.epochs}"))
+        for key in ("max_steps", "save_steps", "save_total_limit"):
             if getattr(self, key) < 0:
                 out.append((key, f"must be >= 0, got {getattr(self, key)}"))
         for key in ("global_batch_size", "per_device_batch_size", "max_length"):
@@ -246,8 +247,8 @@ class StageSection:
             )
         if self.offload_optimizer and self.zero_stage < 2:
             out.append(("offload_optimizer", f"needs zero_stage 2 or 3, got {self.zero_stage}"))
-        if self.max_grad_norm < 0:
-            out.append(("max_grad_norm", f"must be >= 0, got {self.max_grad_norm}"))
+        if not math.isfinite(self.max_grad_norm) or self.max_grad_norm < 0:
+            out.append(("max_grad_norm", f"must be a finite number >= 0, got {self.max_grad_norm}"))
         return out
 
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moetool.io import held_output
+from moetool.io import held_output, inputs_inside
+from moetool.recipe.load import recipe_to_dict
 from moetool.recipe.schema import Recipe, StageSection
+from moetool.train import checkpoints
 
 STAGE_INPUTS = {"pretrain": (), "instruct": ("pretrain",), "moe_tune": ("instruct", "pretrain")}
 
@@ -211,12 +214,30 @@ def run_stage(
             f"{init} does not exist: run stage {init.name} of this recipe with "
             f"--out {run_dir} first, or pass --init CHECKPOINT"
         )
+    data_root = Path(recipe_dir) / recipe.data.root
+    data_files = [data_root / f for f in stage.data]
+    image_folder = Path(recipe_dir) / recipe.data.image_folder
+    # The stage writes (and --overwrite replaces) only <stage>/ and <stage>-state/: never
+    # where one of its inputs lies.
+    for written in (out, state):
+        inside = inputs_inside(written, [init, *data_files, image_folder])
+        if inside:
+            raise TrainingError(
+                f"{written} (written by stage {stage_name}) contains its input "
+                f"{', '.join(map(str, inside))}: choose another --out"
+            )
+    missing = [str(f) for f in data_files if not f.is_file()]
+    if missing:
+        raise TrainingError(f"stage {stage_name}: no such data file {', '.join(missing)}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    run = checkpoints.fingerprint(recipe_to_dict(recipe), stage_name, data_files, world_size, init)
+    resume_from = _resume_point(state / "checkpoints", run) if resume else None
 
     _ensure_distributed_env()
     import deepspeed
     import torch
 
-    from moetool.data.llava_json import load_llava_json
+    from moetool.data.llava_json import DataError, load_llava_json
     from moetool.data.preprocess import Preprocessor, collate
     from moetool.data.templates import get_template
     from moetool.models.parts import set_trainable
@@ -228,15 +249,13 @@ def run_stage(
                 dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
             )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    state.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        if overwrite and not resume and state.exists():
+            shutil.rmtree(state)  # --overwrite: the stage starts again; nothing old stays
+        state.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
     torch.manual_seed(stage.seed)
-
-    data_root = Path(recipe_dir) / recipe.data.root
-    samples, skipped = load_llava_json(
-        [data_root / f for f in stage.data],
-        Path(recipe_dir) / recipe.data.image_folder,
-        recipe.data.skip_bad_samples,
-    )
+    samples, skipped = load_llava_json(data_files, image_folder, recipe.data.skip_bad_samples)
     if not samples:
         raise TrainingError(f"stage {stage_name}: no training samples in {list(stage.data)}")
     model, processor = _load_start_model(recipe, stage_name, init, state)
@@ -281,9 +300,14 @@ def run_stage(
 
     step = 0
     metrics_path = state / "metrics.jsonl"
-    if resume and (state / "checkpoints" / "latest").exists():
-        _, client = engine.load_checkpoint(str(state / "checkpoints"))
-        step = int(client["step"])
+    if resume_from is not None:
+        resumed, path = resume_from
+        loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+        if loaded is None or int(client["step"]) != resumed:
+            raise TrainingError(f"--resume: DeepSpeed could not load the checkpoint {path}")
+        step = resumed
+        if rank == 0:
+            checkpoints.truncate_metrics(metrics_path, step)  # one row per step
     elif rank == 0:
         metrics_path.write_text("")
     aux_layers = len(getattr(model, "moe_blocks", lambda: [])())
@@ -301,18 +325,29 @@ def run_stage(
         tokens = 0
         sums = {"loss": 0.0, "lm": 0.0, "aux": 0.0}
         for _ in range(micro_steps):
-            batch = collate(
-                [preprocessor.encode(samples[i]) for i in next(batches)],
-                processor.tokenizer.pad_token_id,
-            )
+            batch, problem = None, None
+            try:
+                batch = collate(
+                    [preprocessor.encode(samples[i]) for i in next(batches)],
+                    processor.tokenizer.pad_token_id,
+                )
+            except DataError as err:
+                problem = str(err)
+            failed = _failures_on_any_rank(problem, rank, world)  # every rank stops together
+            if failed:
+                raise TrainingError(
+                    f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
+                )
             tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             outputs = engine(**batch)
             loss = outputs.loss
-            if not torch.isfinite(loss):
+            bad = None if torch.isfinite(loss) else f"non-finite loss ({loss.item()})"
+            failed = _failures_on_any_rank(bad, rank, world)
+            if failed:
                 raise TrainingError(
-                    f"stage {stage_name}: non-finite loss ({loss.item()}) at step {step + 1}; "
-                    f"the last good checkpoint is in {state / 'checkpoints'}"
+                    f"stage {stage_name}: {failed} at step {step + 1}; "
+                    + _last_good(state / "checkpoints")
                 )
             engine.backward(loss)
             engine.step()
@@ -341,15 +376,76 @@ def run_stage(
         if on_step is not None and rank == 0:
             on_step(metrics)
         if stage.save_steps and step % stage.save_steps == 0 and step < total_steps:
-            engine.save_checkpoint(
-                str(state / "checkpoints"), tag=f"step-{step}", client_state={"step": step}
-            )
+            _save_checkpoint(engine, state / "checkpoints", step, run, stage.save_total_limit, rank)
         if stop_after is not None and done_this_run >= stop_after:
             break
     else:
         _save_final(engine, model, processor, recipe, stage_name, out, overwrite, rank)
     torch.distributed.barrier()  # every rank returns after rank 0 has written its files
     return StageResult(stage_name, out, step, *_first_last(metrics_path), metrics_path)
+
+
+def _resume_point(root: Path, run: dict) -> tuple[int, Path] | None:
+    """The newest complete checkpoint under ``root`` if it belongs to ``run``; None when there
+    is none at all (the stage starts from the beginning)."""
+    complete = checkpoints.complete_checkpoints(root)
+    if not complete:
+        partial = checkpoints.checkpoint_dirs(root)
+        if partial:
+            names = ", ".join(p.name for _, p in partial)
+            raise TrainingError(
+                f"--resume: no complete checkpoint in {root} ({names} were not finished, or were "
+                "written by a moetool without checkpoint fingerprints); pass --overwrite without "
+                "--resume to start the stage again"
+            )
+        return None
+    step, path = complete[-1]
+    saved = checkpoints.read_marker(path).get("fingerprint", {})
+    changed = checkpoints.differences(saved, run)
+    if changed:
+        raise TrainingError(
+            f"--resume: the checkpoint {path} belongs to another run of this stage; it differs "
+            f"in {'; '.join(changed[:6])}{' …' if len(changed) > 6 else ''}. Resume with what it "
+            "was trained with, or pass --overwrite without --resume to start again"
+        )
+    return step, path
+
+
+def _save_checkpoint(engine, root: Path, step: int, run: dict, keep: int, rank: int) -> None:
+    """DeepSpeed checkpoint ``step-N``; complete (marked) once every rank has written its part;
+    older ones beyond ``keep`` removed."""
+    import torch
+
+    engine.save_checkpoint(str(root), tag=f"step-{step}", client_state={"step": step})
+    torch.distributed.barrier()
+    if rank == 0:
+        checkpoints.mark_complete(root / f"step-{step}", run, step)
+        checkpoints.prune(root, keep)
+    torch.distributed.barrier()
+
+
+def _last_good(root: Path) -> str:
+    complete = checkpoints.complete_checkpoints(root)
+    if not complete:
+        return "no checkpoint was saved (set save_steps to keep some)"
+    return f"the last good checkpoint is {complete[-1][1]} (--resume continues from it)"
+
+
+def _failures_on_any_rank(message: str | None, rank: int, world: int) -> str | None:
+    """Every rank learns whether any rank failed, and the same message: the failed ranks'
+    messages, named by rank. One small all-reduce when nothing failed."""
+    import torch
+
+    if world == 1:
+        return message
+    flags = torch.zeros(world)
+    flags[rank] = message is not None
+    torch.distributed.all_reduce(flags)
+    if not flags.any():
+        return None
+    messages: list = [None] * world
+    torch.distributed.all_gather_object(messages, message)
+    return "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
 
 
 def _first_last(metrics_path: Path) -> tuple[float, float]:

@@ -257,3 +257,24 @@ def test_eval_errors(world, tmp_path, args, message):
     proc = moetool(*args, "--model", str(world / "moe"), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_overwrite_never_deletes_the_model_or_data_it_reads(world, tmp_path):
+    """`moetool eval --out OUT --overwrite` where OUT holds the --model checkpoint (or the
+    --data) is refused before anything runs, and nothing is deleted."""
+    out = tmp_path / "out"
+    shutil.copytree(world / "moe", out / "moe")
+    proc = moetool(
+        "eval",
+        "pope",
+        "--model",
+        str(out / "moe"),
+        "--data",
+        str(world / "data/lmms"),
+        "--out",
+        str(out),
+        "--overwrite",
+    )
+    assert proc.returncode == 2 and "contains this command's input" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "moe/config.json").is_file()

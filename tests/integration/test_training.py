@@ -120,13 +120,91 @@ def test_resume_reaches_the_same_parameters_and_curve(workdir):
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
     assert not (workdir / "run_b/instruct").exists()  # interrupted after step 3
+    checkpoints = workdir / "run_b/instruct-state/checkpoints"
+    assert (checkpoints / "step-2/moetool.json").is_file()  # complete: every rank saved
+    # Resuming with another recipe is refused, naming the difference.
+    other = cli(
+        "instruct",
+        *args,
+        "--set",
+        "stages.instruct.lr=1e-3",
+        "--out",
+        "run_b",
+        "--init",
+        "run/pretrain",
+        "--resume",
+        check=False,
+    )
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "belongs to another run" in other.stderr
+    assert "recipe.stages.instruct.lr: 0.0002 -> 0.001" in other.stderr
+    # DeepSpeed's `latest` pointer left empty by a crash: the complete step-2 is used anyway.
+    (checkpoints / "latest").write_text("")
     cli("instruct", *args, "--out", "run_b", "--init", "run/pretrain", "--resume")
     resumed = weights(workdir / "run_b/instruct")
     assert not changed(full, resumed)
     rows = (workdir / "run_b/instruct-state/metrics.jsonl").read_text().splitlines()
-    # Steps 1-3 ran before the interruption, 3 was redone from the step-2 checkpoint.
-    losses = {json.loads(r)["step"]: json.loads(r)["loss"] for r in rows}
-    assert losses == {json.loads(r)["step"]: json.loads(r)["loss"] for r in full_rows}
+    # Steps 1-3 ran before the interruption, 3 was redone from the step-2 checkpoint: one row
+    # per step, the same losses.
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(r)["loss"] for r in rows] == [json.loads(r)["loss"] for r in full_rows]
+    # save_total_limit = 2 kept the newest two complete checkpoints (steps 2 and 4).
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2", "step-4"]
+
+
+def test_overwrite_then_resume_never_continues_the_old_run(workdir):
+    """A finished run; --overwrite with another lr, killed after one step; then --resume
+    --overwrite: it must not load the first run's checkpoints (it starts the new run again)."""
+    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=2")
+    first = ["--set", "stages.instruct.max_steps=4", "--set", "stages.instruct.save_steps=2"]
+    cli("instruct", "recipe.toml", *first, "--out", "run")
+    second = [*first, "--set", "stages.instruct.lr=1e-4", "--set", "stages.instruct.seed=7"]
+    code = (
+        "from moetool.recipe import load_recipe\n"
+        "from moetool.train.runner import run_stage\n"
+        "r = load_recipe('recipe.toml', ['stages.instruct.max_steps=4', "
+        "'stages.instruct.save_steps=2', 'stages.instruct.lr=1e-4', 'stages.instruct.seed=7'])\n"
+        "run_stage(r, 'instruct', 'run', overwrite=True, stop_after=1)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
+    assert not list((workdir / "run/instruct-state").glob("checkpoints/step-*"))
+    cli("instruct", "recipe.toml", *second, "--out", "run", "--resume", "--overwrite")
+    cli("instruct", "recipe.toml", *second, "--out", "clean", "--init", "run/pretrain")
+    assert not changed(weights(workdir / "clean/instruct"), weights(workdir / "run/instruct"))
+    rows = (workdir / "run/instruct-state/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_overwrite_refuses_an_output_that_holds_an_input(workdir):
+    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
+    # The stage would write run/pretrain/ while reading its --init from inside it.
+    proc = cli(
+        "instruct",
+        "recipe.toml",
+        "--out",
+        "run",
+        "--init",
+        "run/instruct/../instruct/x",
+        check=False,
+    )
+    assert proc.returncode == 2
+    moved = cli(
+        "pretrain",
+        "recipe.toml",
+        "--out",
+        "run",
+        "--init",
+        "run/pretrain",
+        "--overwrite",
+        check=False,
+    )
+    assert moved.returncode == 2 and "contains its input run/pretrain" in moved.stderr
+    assert (workdir / "run/pretrain/config.json").is_file()  # nothing deleted
+    upcycle = cli("upcycle", "run/pretrain/..", "run", "--overwrite", check=False)
+    assert upcycle.returncode == 2 and "contains this command's input" in upcycle.stderr
+    inner = cli("upcycle", "run/pretrain", "run", "--overwrite", check=False)
+    assert inner.returncode == 2 and "contains this command's input run/pretrain" in inner.stderr
+    assert (workdir / "run/pretrain/config.json").is_file()
 
 
 def test_bad_data_stops_with_file_and_sample(workdir):
@@ -224,3 +302,69 @@ def test_non_finite_loss_stops_the_stage_keeping_the_last_good_checkpoint(workdi
     assert "non-finite loss" in proc.stderr and "instruct-state/checkpoints" in proc.stderr
     assert not (workdir / "run/instruct").exists()
     assert (workdir / "run/instruct-state/checkpoints/latest").exists()
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+import deepspeed
+
+real = deepspeed.initialize
+
+
+def initialize(*args, **kwargs):
+    engine, *rest = real(*args, **kwargs)
+    if os.environ["RANK"] == "1":
+        forward, calls = engine.forward, [0]
+
+        def nan_at_second_call(*a, **k):
+            out = forward(*a, **k)
+            calls[0] += 1
+            if calls[0] == 2:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        engine.forward = nan_at_second_call
+    return (engine, *rest)
+
+
+deepspeed.initialize = initialize
+from moetool.cli.app import main
+
+sys.argv = ["moetool", *sys.argv[1:]]
+main()
+"""
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(workdir):
+    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
+    (workdir / "nan_on_rank_1.py").write_text(NAN_ON_RANK_1)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "nan_on_rank_1.py",
+            "instruct",
+            "recipe.toml",
+            "--out",
+            "run",
+            "--set",
+            "stages.instruct.max_steps=4",
+            "--set",
+            "stages.instruct.save_steps=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, COLUMNS="200"),
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
+    assert "rank 1: non-finite loss (nan) at step 2" in errors[0]
+    assert "instruct-state/checkpoints/step-1" in errors[0]
+    # The ranks print no traceback (torchrun reports the failed children with its own).
+    assert proc.stderr.count("Traceback") == 1 and "ChildFailedError" in proc.stderr
+    assert "Connection closed" not in proc.stderr and "connection" not in errors[0].lower()
+    assert not (workdir / "run/instruct").exists()

@@ -239,3 +239,19 @@ def test_unknown_templates_are_recipe_errors():
     keys = [p.split(":")[0] for p in info.value.problems]
     assert keys == ["data.template", "stages.pretrain.template"]
     assert "known: plain, phi, stablelm, qwen, openchat, mistral, llama3, chatml" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["epochs", "weight_decay", "max_grad_norm"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_training_numbers_are_refused(key, value):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipes_root() / "tiny/llama.toml", [f"stages.instruct.{key}={value}"])
+    assert f"stages.instruct.{key}: must be a finite number" in str(info.value)
+
+
+def test_top1_ablation_recipes_weight_by_the_raw_probability():
+    for name in ("qwen-1.8b/ablation-top1", "qwen-1.8b/ablation-experts-2"):
+        moe = load_recipe(resolve_recipe(name)).moe
+        assert moe.top_k == 1 and moe.renormalize is False
+    with pytest.raises(RecipeError, match="normalize_top_k: true with top_k = 1"):
+        load_recipe(resolve_recipe("qwen-1.8b/ablation-top1"), ["moe.normalize_top_k=true"])
