@@ -90,15 +90,19 @@ def _run(stage: str, recipe: str, overrides, out, init, resume, overwrite, as_js
         "loss_first": result.loss_first,
         "loss_last": result.loss_last,
         "metrics": str(result.metrics),
+        "skipped": result.skipped,  # bad samples skipped (data.skip_bad_samples), by reason
     }
     if as_json:
         print_json(summary)
-    else:
-        console.print(
-            f"[green]{stage} done[/]: {result.steps} steps, loss {result.loss_first:.4f}"
-            f" -> {result.loss_last:.4f}; checkpoint {result.checkpoint} "
-            "(aux/layer = load-balancing loss per MoE layer, 1.0 = balanced)"
-        )
+        return
+    if result.skipped:
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(result.skipped.items()))
+        console.print(f"[yellow]skipped {sum(result.skipped.values())} bad samples[/]: {reasons}")
+    console.print(
+        f"[green]{stage} done[/]: {result.steps} steps, loss {result.loss_first:.4f}"
+        f" -> {result.loss_last:.4f}; checkpoint {result.checkpoint} "
+        "(aux/layer = load-balancing loss per MoE layer, 1.0 = balanced)"
+    )
 
 
 def _stage_command(stage: str, doc: str):

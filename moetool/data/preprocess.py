@@ -45,7 +45,9 @@ class Preprocessor:
         try:
             with Image.open(path) as img:
                 image = img.convert("RGB")
-        except OSError as err:
+        except Image.DecompressionBombError as err:
+            raise DataError(f"{sample.where}: image {path} is too large ({err})") from None
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken files
             raise DataError(f"{sample.where}: image {path} is unreadable ({err})") from None
         if self.image_aspect_ratio == "pad":
             mean = self.processor.image_processor.image_mean

@@ -206,6 +206,9 @@ class StageSection:
     max_grad_norm: float = 1.0
     save_steps: int = 0  # 0 = only at the end
     save_total_limit: int = 2  # complete checkpoints kept in <stage>-state; 0 = all
+    # Batches of one modality (image-text or text-only) and similar lengths, as the official
+    # stage II/III scripts (LLaVA's group_by_modality_length).
+    group_by_modality_length: bool = False
     seed: int = 42
 
     def problems(self) -> list[Problem]:
@@ -299,6 +302,15 @@ class Recipe:
                 (f"moe.{key}", message)
                 for key, message in self.moe.problems(self.model.num_layers)
                 if (key, message) not in own
+            )
+        if self.vision.path and not self.model.path:
+            out.append(
+                (
+                    "vision.path",
+                    "is set but model.path is empty: a real run starts from both local "
+                    "checkpoints (without model.path stage I builds a random model and would "
+                    "ignore the vision tower); set model.path too, or leave vision.path empty",
+                )
             )
         for name, stage in self.stages.present().items():
             sparse_parts = [p for p in stage.trainable if p in SPARSE_ONLY_PARTS]

@@ -13,8 +13,9 @@ import os
 import shutil
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from moetool.io import held_output, inputs_inside
@@ -50,6 +51,7 @@ class StageResult:
     loss_first: float
     loss_last: float
     metrics: Path
+    skipped: dict[str, int] = field(default_factory=dict)  # bad samples skipped, by reason
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class StepMetrics:
     aux_loss: float | None  # per MoE layer mean (1.0 = balanced)
     lr: float
     tokens_per_s: float
+    skipped: int = 0  # bad samples skipped in this step, all ranks
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -164,17 +167,6 @@ def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: 
     return model, AutoProcessor.from_pretrained(init)
 
 
-def _batches(num_samples: int, micro_batch: int, rank: int, world: int, seed: int, epoch: int):
-    """This rank's micro-batches of one epoch, in a seeded order that resuming reproduces."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    order = torch.randperm(num_samples, generator=g).tolist()
-    step = micro_batch * world
-    for start in range(0, num_samples - step + 1, step):
-        yield order[start + rank * micro_batch : start + (rank + 1) * micro_batch]
-
-
 def run_stage(
     recipe: Recipe,
     stage_name: str,
@@ -237,8 +229,9 @@ def run_stage(
     import deepspeed
     import torch
 
-    from moetool.data.llava_json import DataError, load_llava_json
-    from moetool.data.preprocess import Preprocessor, collate
+    from moetool.data.llava_json import load_llava_json
+    from moetool.data.pipeline import EncodedDataset, StageBatchSampler, make_loader, reason_of
+    from moetool.data.preprocess import Preprocessor
     from moetool.data.templates import get_template
     from moetool.models.parts import set_trainable
 
@@ -249,16 +242,23 @@ def run_stage(
                 dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
             )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(stage.seed)
+    samples, parse_skipped = load_llava_json(data_files, image_folder, recipe.data.skip_bad_samples)
+    if not samples:
+        raise TrainingError(f"stage {stage_name}: no training samples in {list(stage.data)}")
+    created = not state.exists()
+    torch.distributed.barrier()  # every rank has looked before rank 0 changes anything
     if rank == 0:
         if overwrite and not resume and state.exists():
             shutil.rmtree(state)  # --overwrite: the stage starts again; nothing old stays
         state.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    torch.manual_seed(stage.seed)
-    samples, skipped = load_llava_json(data_files, image_folder, recipe.data.skip_bad_samples)
-    if not samples:
-        raise TrainingError(f"stage {stage_name}: no training samples in {list(stage.data)}")
-    model, processor = _load_start_model(recipe, stage_name, init, state)
+    try:
+        model, processor = _load_start_model(recipe, stage_name, init, state)
+    except BaseException:
+        if rank == 0 and created:  # a failed start leaves no state directory behind
+            shutil.rmtree(state, ignore_errors=True)
+        raise
     template = get_template(stage.template or recipe.data.template)
     preprocessor = Preprocessor(
         processor,
@@ -311,52 +311,82 @@ def run_stage(
     elif rank == 0:
         metrics_path.write_text("")
     aux_layers = len(getattr(model, "moe_blocks", lambda: [])())
+    if recipe.data.num_workers > 0:
+        # Fast tokenizers warn (and may deadlock) when used across fork; workers encode alone.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sampler = StageBatchSampler(
+        samples,
+        stage.per_device_batch_size,
+        rank,
+        world,
+        stage.seed,
+        stage.group_by_modality_length,
+    )
+    loader = make_loader(
+        EncodedDataset(samples, preprocessor),
+        sampler,
+        processor.tokenizer.pad_token_id,
+        recipe.data.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    skip_bad = recipe.data.skip_bad_samples
+    skipped: Counter[str] = Counter()
+    if rank == 0:  # every rank parsed the same files; rank 0 counts what parsing left out
+        skipped.update(reason_of(message) for message in parse_skipped)
     losses: list[float] = []
     done_this_run = 0
+    batches, batches_epoch, last_good = None, None, None
     engine.train()
     while step < total_steps:
         epoch, within = divmod(step, steps_per_epoch)
-        batches = _batches(
-            len(samples), stage.per_device_batch_size, rank, world, stage.seed, epoch
-        )
-        for _ in range(within * micro_steps):  # skip what a resumed run already trained on
-            next(batches)
+        if batches_epoch != epoch:  # skip what a resumed run already trained on, unloaded
+            sampler.set_epoch(epoch, within * micro_steps)
+            batches, batches_epoch = iter(loader), epoch
         started = time.perf_counter()
         tokens = 0
         sums = {"loss": 0.0, "lm": 0.0, "aux": 0.0}
+        skipped_this_step = 0
         for _ in range(micro_steps):
-            batch, problem = None, None
-            try:
-                batch = collate(
-                    [preprocessor.encode(samples[i]) for i in next(batches)],
-                    processor.tokenizer.pad_token_id,
-                )
-            except DataError as err:
-                problem = str(err)
+            batch, bad = next(batches)
+            problem, weight = None, 1.0
+            if bad and not skip_bad:
+                problem = bad[0].message
+            elif bad:
+                skipped.update(b.reason for b in bad)
+                skipped_this_step += len(bad)
+                if batch is None:  # nothing left: keep the ranks in step with a zero-weight pass
+                    if last_good is None:
+                        problem = (
+                            f"every sample of a micro-batch is bad ({bad[0].message}), and no "
+                            "good one came before it"
+                        )
+                    batch, weight = last_good, 0.0
             failed = _failures_on_any_rank(problem, rank, world)  # every rank stops together
             if failed:
                 raise TrainingError(
                     f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
                 )
-            tokens += int(batch["attention_mask"].sum())
+            if weight:
+                last_good = batch
+                tokens += int(batch["attention_mask"].sum())
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             outputs = engine(**batch)
             loss = outputs.loss
-            bad = None if torch.isfinite(loss) else f"non-finite loss ({loss.item()})"
-            failed = _failures_on_any_rank(bad, rank, world)
+            bad_loss = None if torch.isfinite(loss) else f"non-finite loss ({loss.item()})"
+            failed = _failures_on_any_rank(bad_loss, rank, world)
             if failed:
                 raise TrainingError(
                     f"stage {stage_name}: {failed} at step {step + 1}; "
                     + _last_good(state / "checkpoints")
                 )
-            engine.backward(loss)
+            engine.backward(loss * weight if weight != 1.0 else loss)
             engine.step()
-            sums["loss"] += loss.item() / micro_steps
+            sums["loss"] += weight * loss.item() / micro_steps
             lm = getattr(outputs, "lm_loss", None)
-            sums["lm"] += (lm if lm is not None else loss).item() / micro_steps
+            sums["lm"] += weight * (lm if lm is not None else loss).item() / micro_steps
             aux = getattr(outputs, "aux_loss", None)
             if aux is not None:
-                sums["aux"] += aux.item() / aux_layers / micro_steps
+                sums["aux"] += weight * aux.item() / aux_layers / micro_steps
         step += 1
         done_this_run += 1
         elapsed = time.perf_counter() - started
@@ -368,6 +398,7 @@ def run_stage(
             sums["aux"] if aux_layers else None,
             scheduler.get_last_lr()[0],
             tokens * world / elapsed,
+            _sum_over_ranks(skipped_this_step, world),
         )
         losses.append(metrics.loss)
         if rank == 0:
@@ -381,8 +412,11 @@ def run_stage(
             break
     else:
         _save_final(engine, model, processor, recipe, stage_name, out, overwrite, rank)
+    skipped = _gather_counts(skipped, world)
     torch.distributed.barrier()  # every rank returns after rank 0 has written its files
-    return StageResult(stage_name, out, step, *_first_last(metrics_path), metrics_path)
+    return StageResult(
+        stage_name, out, step, *_first_last(metrics_path), metrics_path, dict(skipped)
+    )
 
 
 def _resume_point(root: Path, run: dict) -> tuple[int, Path] | None:
@@ -446,6 +480,27 @@ def _failures_on_any_rank(message: str | None, rank: int, world: int) -> str | N
     messages: list = [None] * world
     torch.distributed.all_gather_object(messages, message)
     return "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+
+
+def _sum_over_ranks(count: int, world: int) -> int:
+    import torch
+
+    if world == 1:
+        return count
+    total = torch.tensor([count], dtype=torch.long)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def _gather_counts(counts: Counter, world: int) -> Counter:
+    """Every rank's counts, summed (once, at the end of the stage)."""
+    import torch
+
+    if world == 1:
+        return counts
+    every: list = [None] * world
+    torch.distributed.all_gather_object(every, dict(counts))
+    return sum((Counter(c) for c in every), Counter())
 
 
 def _first_last(metrics_path: Path) -> tuple[float, float]:

@@ -215,6 +215,7 @@ def test_bad_data_stops_with_file_and_sample(workdir):
     assert proc.returncode == 2
     assert "stage1.json, sample 'c3'" in proc.stderr and "missing.png" in proc.stderr
     assert not (workdir / "run/pretrain").exists()
+    assert not (workdir / "run/pretrain-state").exists()  # nothing left of a failed start
     ok = cli(
         "pretrain",
         "recipe.toml",
@@ -368,3 +369,35 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(workdi
     assert proc.stderr.count("Traceback") == 1 and "ChildFailedError" in proc.stderr
     assert "Connection closed" not in proc.stderr and "connection" not in errors[0].lower()
     assert not (workdir / "run/instruct").exists()
+
+
+def test_bad_samples_met_mid_run_are_skipped_and_counted_or_stop_the_stage(workdir):
+    """A truncated image (it exists, so parsing passes) and an answer cut off by max_length are
+    found only when a worker encodes them: with the switch they are skipped and counted, without
+    it the stage stops naming the sample."""
+    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
+    data = json.loads((workdir / "data/stage2.json").read_text())
+    png = (workdir / "data/img/5.png").read_bytes()
+    (workdir / "data/img/truncated.png").write_bytes(png[: len(png) // 3])
+    data[5]["image"] = "img/truncated.png"
+    data[6]["conversations"][0]["value"] = "<image>\n" + "word " * 800
+    (workdir / "data/stage2.json").write_text(json.dumps(data))
+    common = ["--init", "run/pretrain", "--set", "stages.instruct.max_steps=0"]  # whole epoch
+    ok = cli(
+        "instruct",
+        "recipe.toml",
+        "--out",
+        "skip",
+        *common,
+        "--set",
+        "data.skip_bad_samples=true",
+        "--json",
+    )
+    result = json.loads(ok.stdout)
+    assert result["skipped"] == {"unreadable image": 1, "no answer left (every label masked)": 1}
+    rows = [json.loads(r) for r in (workdir / "skip/instruct-state/metrics.jsonl").open()]
+    assert sum(r["skipped"] for r in rows) == 2 and len(rows) == 12
+    stop = cli("instruct", "recipe.toml", "--out", "stop", *common, check=False)
+    assert stop.returncode == 2 and "Traceback" not in stop.stderr
+    assert "sample 'q5'" in stop.stderr or "sample 'q6'" in stop.stderr
+    assert not (workdir / "stop/instruct").exists()

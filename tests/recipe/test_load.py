@@ -255,3 +255,8 @@ def test_top1_ablation_recipes_weight_by_the_raw_probability():
         assert moe.top_k == 1 and moe.renormalize is False
     with pytest.raises(RecipeError, match="normalize_top_k: true with top_k = 1"):
         load_recipe(resolve_recipe("qwen-1.8b/ablation-top1"), ["moe.normalize_top_k=true"])
+
+
+def test_a_vision_tower_without_a_language_model_is_refused():
+    with pytest.raises(RecipeError, match="vision.path: is set but model.path is empty"):
+        load_recipe(recipes_root() / "tiny/llama.toml", ["vision.path=/models/clip"])
