@@ -46,11 +46,11 @@ def check_overwrite(out: str | Path, inputs: Iterable[str | Path | None]) -> Non
         )
 
 
-def default_mode(directory: bool = True) -> int:
-    """The permission bits a new file or directory gets under the process umask."""
+def default_dir_mode() -> int:
+    """The permission bits ``mkdir`` gives a new directory under the process umask."""
     umask = os.umask(0)
     os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
+    return 0o777 & ~umask
 
 
 @contextlib.contextmanager
@@ -69,7 +69,7 @@ def atomic_output_dir(
         raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(default_mode())
+    tmp.chmod(default_dir_mode())
     try:
         yield tmp
     except BaseException:

@@ -10,7 +10,6 @@ rank with its name.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -167,7 +166,3 @@ def make_loader(
         pin_memory=pin_memory,
         **extra,
     )
-
-
-def steps_per_epoch(num_samples: int, global_batch_size: int) -> int:
-    return math.floor(num_samples / global_batch_size)

@@ -178,7 +178,9 @@ def run_eval(
         )
 
     with _environment(environment):
-        return _evaluate(task, model, data, out, limit, batch_size, device, lmms_model, notes)
+        return _evaluate(
+            task, model, data, out, inputs, limit, batch_size, device, lmms_model, notes
+        )
 
 
 @contextlib.contextmanager
@@ -195,7 +197,9 @@ def _environment(values: dict[str, str]):
                 os.environ[key] = value
 
 
-def _evaluate(task, model, data, out, limit, batch_size, device, lmms_model, notes) -> EvalReport:
+def _evaluate(
+    task, model, data, out, inputs, limit, batch_size, device, lmms_model, notes
+) -> EvalReport:
     import lmms_eval
     from lmms_eval import evaluator
     from lmms_eval.tasks import TaskManager
@@ -211,7 +215,6 @@ def _evaluate(task, model, data, out, limit, batch_size, device, lmms_model, not
     manager = TaskManager(
         include_path=[str(root / f) for f in folders], include_defaults=False, model_name="moetool"
     )
-    inputs = [data] if lmms_model is not None else [model, data]
     with atomic_output_dir(out, overwrite=True, inputs=inputs) as tmp:
         # lmms-eval's progress bars (some ignore TQDM_DISABLE) and warnings: a log beside the
         # results, not the command's output.

@@ -465,6 +465,16 @@ def _last_good(root: Path) -> str:
     return f"the last good checkpoint is {complete[-1][1]} (--resume continues from it)"
 
 
+def _collective_device():
+    """Where a tensor for a collective must live: NCCL reduces only CUDA tensors, gloo CPU
+    ones."""
+    import torch
+
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _failures_on_any_rank(message: str | None, rank: int, world: int) -> str | None:
     """Every rank learns whether any rank failed, and the same message: the failed ranks'
     messages, named by rank. One small all-reduce when nothing failed."""
@@ -472,7 +482,7 @@ def _failures_on_any_rank(message: str | None, rank: int, world: int) -> str | N
 
     if world == 1:
         return message
-    flags = torch.zeros(world)
+    flags = torch.zeros(world, device=_collective_device())
     flags[rank] = message is not None
     torch.distributed.all_reduce(flags)
     if not flags.any():
@@ -487,7 +497,7 @@ def _sum_over_ranks(count: int, world: int) -> int:
 
     if world == 1:
         return count
-    total = torch.tensor([count], dtype=torch.long)
+    total = torch.tensor([count], dtype=torch.long, device=_collective_device())
     torch.distributed.all_reduce(total)
     return int(total.item())
 

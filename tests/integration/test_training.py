@@ -177,7 +177,7 @@ def test_overwrite_then_resume_never_continues_the_old_run(workdir):
 
 def test_overwrite_refuses_an_output_that_holds_an_input(workdir):
     cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
-    # The stage would write run/pretrain/ while reading its --init from inside it.
+    # Stage instruct would write run/instruct/ while reading its --init from inside it.
     proc = cli(
         "instruct",
         "recipe.toml",
@@ -187,7 +187,7 @@ def test_overwrite_refuses_an_output_that_holds_an_input(workdir):
         "run/instruct/../instruct/x",
         check=False,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and "contains its input run/instruct/../instruct/x" in proc.stderr
     moved = cli(
         "pretrain",
         "recipe.toml",
