@@ -4,6 +4,7 @@ hold what a library prints unasked."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import shutil
@@ -43,6 +44,45 @@ def check_overwrite(out: str | Path, inputs: Iterable[str | Path | None]) -> Non
         raise UnsafeOverwriteError(
             f"{out} contains this command's input {names}: writing there would replace it; "
             "choose another output directory"
+        )
+
+
+# Errors that mean "this location cannot take the write", not a bug: reported as one error line.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def is_write_error(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in WRITE_ERRNOS
+
+
+def describe_write_error(err: BaseException) -> str:
+    """One line for a failed write: the reason and the file (an ``OSError``), else the message.
+    A full disk or quota says what to do about it."""
+    if not isinstance(err, OSError) or err.errno is None:
+        return str(err) or type(err).__name__
+    where = f" ({err.filename})" if err.filename else ""
+    hint = ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "; free space there (or choose another output) and run again"
+    elif err.errno == errno.EROFS:
+        hint = "; choose an output on a writable filesystem"
+    return f"{err.strerror}{where}{hint}"
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """Raise ``OSError(ENOSPC)`` before writing ``needed`` bytes under ``path`` (the nearest
+    existing folder is measured) when its filesystem has less free: a write known to fail is not
+    started."""
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: writing needs {needed / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free",
+            str(path),
         )
 
 

@@ -20,7 +20,8 @@ from moetool.cli import (
     train,
     upcycle,
 )
-from moetool.cli.render import quiet_libraries
+from moetool.cli.render import print_error, quiet_libraries
+from moetool.io import describe_write_error, is_write_error
 
 app = typer.Typer(
     name="moetool",
@@ -86,4 +87,10 @@ def _take_local_rank(argv: list[str]) -> list[str]:
 def main() -> None:
     quiet_libraries()
     sys.argv[1:] = _take_local_rank(sys.argv[1:])
-    app()
+    try:
+        app()
+    except OSError as err:  # a full disk, a quota, a read-only or foreign output: no traceback
+        if not is_write_error(err):
+            raise
+        print_error(describe_write_error(err))
+        sys.exit(2)

@@ -55,10 +55,15 @@ def quiet_libraries() -> None:
             logger.addFilter(_DropRoutineLines(prefixes))
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one clear error to stderr and exit."""
+def print_error(message: str) -> None:
+    """The one ``error:`` line (stderr)."""
     # The message is printed as is: "[moe]" in it is a TOML table name, not Rich markup.
     err_console.print("[bold red]error:[/]", escape(message), highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one clear error to stderr and exit."""
+    print_error(message)
     raise typer.Exit(code)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moetool.io import held_output, inputs_inside
+from moetool.io import describe_write_error, held_output, inputs_inside
 from moetool.recipe.load import recipe_to_dict
 from moetool.recipe.schema import Recipe, StageSection
 from moetool.train import checkpoints
@@ -335,6 +335,7 @@ def run_stage(
         skipped.update(reason_of(message) for message in parse_skipped)
     losses: list[float] = []
     done_this_run = 0
+    pending: str | None = None  # a failed write on rank 0, reported at the next agreement
     batches, batches_epoch, last_good = None, None, None
     engine.train()
     while step < total_steps:
@@ -361,7 +362,8 @@ def run_stage(
                             "good one came before it"
                         )
                     batch, weight = last_good, 0.0
-            failed = _failures_on_any_rank(problem, rank, world)  # every rank stops together
+            # every rank stops together (a bad sample here, a metrics write that failed on rank 0)
+            failed = _failures_on_any_rank(problem or pending, rank, world)
             if failed:
                 raise TrainingError(
                     f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
@@ -402,16 +404,30 @@ def run_stage(
         )
         losses.append(metrics.loss)
         if rank == 0:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(metrics.__dict__) + "\n")
+            try:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(metrics.__dict__) + "\n")
+            except OSError as err:  # the ranks learn it at the next check
+                pending = f"could not write {metrics_path}: {describe_write_error(err)}"
         if on_step is not None and rank == 0:
             on_step(metrics)
         if stage.save_steps and step % stage.save_steps == 0 and step < total_steps:
-            _save_checkpoint(engine, state / "checkpoints", step, run, stage.save_total_limit, rank)
+            failed = _save_checkpoint(
+                engine, state / "checkpoints", step, run, stage.save_total_limit, pending
+            )
+            if failed:
+                raise TrainingError(
+                    f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
+                )
         if stop_after is not None and done_this_run >= stop_after:
             break
     else:
-        _save_final(engine, model, processor, recipe, stage_name, out, overwrite, rank)
+        failed = _save_final(engine, model, processor, recipe, stage_name, out, overwrite, pending)
+        if failed:
+            raise TrainingError(
+                f"stage {stage_name}: {failed}; "
+                + _keep_trained_state(engine, state / "checkpoints", step, run, stage)
+            )
     skipped = _gather_counts(skipped, world)
     torch.distributed.barrier()  # every rank returns after rank 0 has written its files
     return StageResult(
@@ -445,17 +461,58 @@ def _resume_point(root: Path, run: dict) -> tuple[int, Path] | None:
     return step, path
 
 
-def _save_checkpoint(engine, root: Path, step: int, run: dict, keep: int, rank: int) -> None:
+def _save_checkpoint(
+    engine, root: Path, step: int, run: dict, keep: int, pending: str | None = None
+) -> str | None:
     """DeepSpeed checkpoint ``step-N``; complete (marked) once every rank has written its part;
-    older ones beyond ``keep`` removed."""
+    older ones beyond ``keep`` removed. A write that fails on any rank (a full disk, a read-only
+    folder) is returned on every rank as one message, and the unfinished ``step-N`` removed;
+    ``pending`` is an earlier failure of rank 0 that must stop the ranks here too."""
     import torch
 
-    engine.save_checkpoint(str(root), tag=f"step-{step}", client_state={"step": step})
-    torch.distributed.barrier()
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    target = root / f"step-{step}"
+    problem = None
+    if rank == 0:  # DeepSpeed creates the folder on rank 0 before its first collective
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            problem = f"could not write checkpoint {target}: {describe_write_error(err)}"
+    failed = _failures_on_any_rank(problem or pending, rank, world)
+    if failed:
+        return failed
+    try:
+        engine.save_checkpoint(str(root), tag=target.name, client_state={"step": step})
+    except Exception as err:
+        problem = f"could not write checkpoint {target}: {describe_write_error(err)}"
+        # DeepSpeed's save ends in a barrier that the other ranks wait in: meet them there.
+        torch.distributed.barrier()
+    failed = _failures_on_any_rank(problem, rank, world)
     if rank == 0:
-        checkpoints.mark_complete(root / f"step-{step}", run, step)
-        checkpoints.prune(root, keep)
+        if failed:
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            checkpoints.mark_complete(target, run, step)
+            checkpoints.prune(root, keep)
     torch.distributed.barrier()
+    return failed
+
+
+def _keep_trained_state(engine, root: Path, step: int, run: dict, stage: StageSection) -> str:
+    """After a failed final write: save the trained state as checkpoint ``step-N`` (from which
+    ``--resume`` writes the final checkpoint without training again) and say where it is; if that
+    fails too, name the last good checkpoint."""
+    if any(saved == step for saved, _ in checkpoints.complete_checkpoints(root)):
+        failed = None  # a resumed run that failed to write again: its checkpoint is still there
+    else:
+        failed = _save_checkpoint(engine, root, step, run, stage.save_total_limit)
+    if not failed:
+        return (
+            f"the trained state (step {step}) is kept in {root / f'step-{step}'}: run the same "
+            "command with --resume to write the final checkpoint from it"
+        )
+    return f"keeping the trained state failed too ({failed}); " + _last_good(root)
 
 
 def _last_good(root: Path) -> str:
@@ -518,13 +575,17 @@ def _first_last(metrics_path: Path) -> tuple[float, float]:
     return (rows[0]["loss"], rows[-1]["loss"]) if rows else (math.nan, math.nan)
 
 
-def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, rank):
+def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, pending=None):
+    """The final HF checkpoint, written by rank 0 into a temporary folder and renamed; returns
+    the agreed error of every rank when it could not be written (nothing of it is left)."""
     import torch
 
     from moetool import __version__
-    from moetool.io import atomic_output_dir
+    from moetool.data.templates import get_template
+    from moetool.io import atomic_output_dir, check_free_space
     from moetool.recipe.load import recipe_to_dict
 
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     else:
@@ -532,17 +593,21 @@ def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, ra
             k: v.detach().to(torch.float32) if v.is_floating_point() else v
             for k, v in engine.module.state_dict().items()
         }
-    if rank != 0:
-        return
-    model.config.use_cache = True
-    model.config.moetool = {
-        "version": __version__,
-        "stage": stage_name,
-        "recipe": recipe_to_dict(recipe),
-    }
-    from moetool.data.templates import get_template
-
-    get_template(recipe.data.template).attach(processor)
-    with atomic_output_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        processor.save_pretrained(tmp)
+    problem = pending
+    if rank == 0 and problem is None:
+        try:
+            check_free_space(out.parent, sum(t.nbytes for t in state_dict.values()))
+            model.config.use_cache = True
+            model.config.moetool = {
+                "version": __version__,
+                "stage": stage_name,
+                "recipe": recipe_to_dict(recipe),
+            }
+            get_template(recipe.data.template).attach(processor)
+            with atomic_output_dir(out, overwrite) as tmp:
+                model.save_pretrained(tmp, state_dict=state_dict)
+                processor.save_pretrained(tmp)
+        except Exception as err:  # the disk, a quota, permissions: say so on every rank
+            problem = f"could not write the final checkpoint {out}: {describe_write_error(err)}"
+    del state_dict
+    return _failures_on_any_rank(problem, rank, world)

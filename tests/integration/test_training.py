@@ -401,3 +401,67 @@ def test_bad_samples_met_mid_run_are_skipped_and_counted_or_stop_the_stage(workd
     assert stop.returncode == 2 and "Traceback" not in stop.stderr
     assert "sample 'q5'" in stop.stderr or "sample 'q6'" in stop.stderr
     assert not (workdir / "stop/instruct").exists()
+
+
+FULL_DISK_AT_FINAL_SAVE = """
+import errno, os, sys
+from pathlib import Path
+import safetensors.torch
+
+real = safetensors.torch.save_file
+
+
+def save_file(tensors, filename, metadata=None):
+    folder = Path(filename).parent.name
+    if ".tmp-" not in folder:  # only the final checkpoint's temporary folder is "full"
+        return real(tensors, filename, metadata=metadata)
+    real(tensors, os.environ["WOULD_HAVE_SAVED"], metadata=metadata)  # what was lost, for the test
+    raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+
+safetensors.torch.save_file = save_file
+from moetool.cli.app import main
+
+sys.argv = ["moetool", *sys.argv[1:]]
+main()
+"""
+
+
+def test_full_disk_at_the_final_save_keeps_the_trained_state_for_resume(workdir):
+    """With the default save_steps = 0 a failed final write used to lose the whole stage: now
+    every rank stops with one error line, nothing half-written stays, the trained state is kept
+    as a checkpoint and --resume writes from it exactly the weights the failed save held."""
+    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
+    (workdir / "full_disk.py").write_text(FULL_DISK_AT_FINAL_SAVE)
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    args = ["instruct", "recipe.toml", "--out", "run", "--set", "stages.instruct.max_steps=3"]
+    env = dict(os.environ, COLUMNS="250", WOULD_HAVE_SAVED=str(workdir / "lost.safetensors"))
+
+    def launch(*argv):
+        return subprocess.run(
+            [torchrun, "--nproc_per_node", "2", *argv],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+
+    failed = launch("full_disk.py", *args)
+    assert failed.returncode != 0
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], failed.stderr[-3000:]
+    assert "could not write the final checkpoint run/instruct" in errors[0]
+    assert "No space left on device" in errors[0] and "run again" in errors[0]
+    assert "instruct-state/checkpoints/step-3" in errors[0] and "--resume" in errors[0]
+    assert failed.stderr.count("Traceback") == 1  # torchrun's report of its failed children
+    assert not (workdir / "run/instruct").exists()
+    assert [p.name for p in (workdir / "run").iterdir() if ".tmp-" in p.name] == []
+    assert (workdir / "run/instruct-state/checkpoints/step-3/moetool.json").is_file()
+
+    resumed = launch("-m", "moetool", *args, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["steps"] == 3
+    lost = load_file(workdir / "lost.safetensors")
+    assert not changed(lost, weights(workdir / "run/instruct"))
+    rows = (workdir / "run/instruct-state/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
