@@ -12,6 +12,7 @@ from functools import cached_property
 
 import torch
 from transformers import LlavaForConditionalGeneration
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
 from moetool.models.configuration_moe_llava import MoELlavaConfig
@@ -45,8 +46,20 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         moe = self.moe_config
         hidden = config.text_config.hidden_size
         layers = decoder_layers(self)
+        partitioned = is_deepspeed_zero3_enabled()
         for index in moe.layers:
-            layers[index].mlp = MoEBlock.upcycle(layers[index].mlp, hidden, moe)
+            mlp = layers[index].mlp
+            if partitioned:
+                # deepspeed.zero.Init partitions each module as it is built; a deepcopy of one
+                # would share its partition bookkeeping. Each expert is built as its own module
+                # of the backbone's MLP class (every supported one takes the text config); the
+                # weights come from the checkpoint being loaded.
+                experts = [mlp] + [
+                    type(mlp)(config.text_config) for _ in range(moe.num_experts - 1)
+                ]
+                layers[index].mlp = MoEBlock(experts, hidden, moe)
+            else:
+                layers[index].mlp = MoEBlock.upcycle(mlp, hidden, moe)
         # Routers are new modules: initialise them like the rest of the model.
         for block in self.moe_blocks():
             self._init_weights(block.router)

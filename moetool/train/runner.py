@@ -7,6 +7,7 @@ decides. Loss = LM loss + alpha * aux loss (Eq. 7), computed by the sparse model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,19 +134,48 @@ def default_init(run_dir: Path, stage: str, recipe: Recipe) -> Path | None:
     return None
 
 
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict) -> Iterator[None]:
+    """Under ZeRO-3, models that ``from_pretrained`` builds in the block are created partitioned
+    over the ranks (transformers' DeepSpeed integration: ``HfDeepSpeedConfig`` makes it use
+    ``deepspeed.zero.Init``; only rank 0 reads the weights), so no rank ever holds the whole
+    model. The setting is process-wide in transformers: it is undone when the block ends (a
+    quickstart runs every stage in one process)."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    held = HfDeepSpeedConfig(ds_config)  # transformers keeps a weak reference: hold it
+    try:
+        yield
+    finally:
+        del held
+        unset_hf_deepspeed_config()
+
+
 def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: Path):
+    """The stage's starting model and processor, in the stage's precision (a bf16 stage never
+    materialises fp32 weights); partitioned when called under ``partitioned_loading``."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     import moetool  # noqa: F401  (registers the sparse model)
     from moetool.models.build import build_lvlm_from_parts, build_random_lvlm
 
+    stage: StageSection = getattr(recipe.stages, stage_name)
+    dtype = getattr(torch, PRECISION_DTYPES[stage.precision])
     if init is None:
         if stage_name != "pretrain":
             raise TrainingError(f"stage {stage_name} needs a checkpoint to start from (--init)")
         if recipe.model.path:
-            return build_lvlm_from_parts(recipe)
-        return build_random_lvlm(recipe, seed=recipe.stages.pretrain.seed)
+            return build_lvlm_from_parts(recipe, dtype=dtype)
+        model, processor = build_random_lvlm(recipe, seed=stage.seed)
+        return model.to(dtype), processor
     if not (init / "config.json").is_file():
         raise TrainingError(f"--init {init}: not a checkpoint directory (no config.json)")
     config = json.loads((init / "config.json").read_text())
@@ -157,13 +187,18 @@ def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: 
         target = work / "upcycled"
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if rank == 0:  # one process writes, the others wait for it
-            upcycle_checkpoint(
-                init, target, recipe.moe, seed=recipe.stages.moe_tune.seed, overwrite=True
-            )
+            upcycle_checkpoint(init, target, recipe.moe, seed=stage.seed, overwrite=True)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         init = target
-    model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(init, dtype=dtype)
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions and is_deepspeed_zero3_enabled():
+        # transformers (5.24)'s ZeRO-3 load keeps every key renaming it tried, where its whole-
+        # model load keeps only those that matched; save_pretrained reverses them all and would
+        # write doubled prefixes (language_model.model.model.*). Keep the used ones, as the
+        # whole-model load does (the ZeRO-3 training test compares the saved key names).
+        model._weight_conversions = [c for c in conversions if c.was_used()]
     return model, AutoProcessor.from_pretrained(init)
 
 
@@ -242,6 +277,7 @@ def run_stage(
                 dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
             )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    ds_config = deepspeed_config(stage, world)
     torch.manual_seed(stage.seed)
     samples, parse_skipped = load_llava_json(data_files, image_folder, recipe.data.skip_bad_samples)
     if not samples:
@@ -253,12 +289,13 @@ def run_stage(
             shutil.rmtree(state)  # --overwrite: the stage starts again; nothing old stays
         state.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    try:
-        model, processor = _load_start_model(recipe, stage_name, init, state)
-    except BaseException:
-        if rank == 0 and created:  # a failed start leaves no state directory behind
-            shutil.rmtree(state, ignore_errors=True)
-        raise
+    with partitioned_loading(ds_config):
+        try:
+            model, processor = _load_start_model(recipe, stage_name, init, state)
+        except BaseException:
+            if rank == 0 and created:  # a failed start leaves no state directory behind
+                shutil.rmtree(state, ignore_errors=True)
+            raise
     template = get_template(stage.template or recipe.data.template)
     preprocessor = Preprocessor(
         processor,
@@ -277,7 +314,6 @@ def run_stage(
         enable_activation_checkpointing(model)
     model.config.use_cache = False
 
-    ds_config = deepspeed_config(stage, world)
     micro_steps = ds_config["gradient_accumulation_steps"]
     steps_per_epoch = len(samples) // stage.global_batch_size
     if steps_per_epoch == 0:
@@ -575,6 +611,34 @@ def _first_last(metrics_path: Path) -> tuple[float, float]:
     return (rows[0]["loss"], rows[-1]["loss"]) if rows else (math.nan, math.nan)
 
 
+def full_state_dict(module, dtype, rank: int, partitioned: bool) -> dict:
+    """``module``'s whole state on rank 0 (an empty dict elsewhere), floating-point tensors in
+    ``dtype``. Under ZeRO-3 (``partitioned``) the weights are gathered one submodule at a time
+    with ``deepspeed.zero.GatheredParameters``; every rank must call it."""
+    import torch
+
+    def cast(t):
+        return t.detach().to("cpu", dtype, copy=True) if t.is_floating_point() else t.detach()
+
+    gathered: dict[int, torch.Tensor] = {}
+    if partitioned:
+        import deepspeed
+
+        for sub in module.modules():
+            params = list(sub.parameters(recurse=False))
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if rank == 0:
+                    gathered.update((id(p), cast(p)) for p in params)
+    if rank != 0:
+        return {}
+    return {
+        k: gathered[id(v)] if id(v) in gathered else cast(v)
+        for k, v in module.state_dict(keep_vars=True).items()
+    }
+
+
 def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, pending=None):
     """The final HF checkpoint, written by rank 0 into a temporary folder and renamed; returns
     the agreed error of every rank when it could not be written (nothing of it is left)."""
@@ -586,13 +650,8 @@ def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, pe
     from moetool.recipe.load import recipe_to_dict
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if engine.zero_optimization_stage() == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()
-    else:
-        state_dict = {
-            k: v.detach().to(torch.float32) if v.is_floating_point() else v
-            for k, v in engine.module.state_dict().items()
-        }
+    dtype = getattr(torch, PRECISION_DTYPES[getattr(recipe.stages, stage_name).precision])
+    state_dict = full_state_dict(engine.module, dtype, rank, engine.zero_optimization_stage() == 3)
     problem = pending
     if rank == 0 and problem is None:
         try:

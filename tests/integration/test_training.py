@@ -231,9 +231,10 @@ def test_bad_data_stops_with_file_and_sample(workdir):
 
 
 def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
-    """Upstream assumption named: the final save under ZeRO-3 gathers the partitioned weights
-    through DeepSpeed's private ``engine._zero3_consolidated_16bit_state_dict()``; a DeepSpeed
-    release that renames or changes it fails here (every key, full shapes)."""
+    """bf16 stages under ZeRO-2 and ZeRO-3 (ZeRO-3 loads partitioned and gathers the weights
+    through DeepSpeed's public GatheredParameters): both final checkpoints hold every key, full
+    shapes, in the one documented dtype, the stage's precision (ZeRO-2 used to save fp32 and
+    ZeRO-3 bf16)."""
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = dict(os.environ, COLUMNS="120")
 
@@ -257,6 +258,8 @@ def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
         "--set",
         "stages.instruct.zero_stage=2",
         "--set",
+        "stages.instruct.precision=bf16",
+        "--set",
         "stages.instruct.max_steps=3",
         "--json",
     )
@@ -268,6 +271,8 @@ def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
         "--set",
         "stages.moe_tune.zero_stage=3",
         "--set",
+        "stages.moe_tune.precision=bf16",
+        "--set",
         "stages.moe_tune.max_steps=3",
         "--json",
     )
@@ -278,6 +283,12 @@ def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
     assert all(before[k].shape == after[k].shape for k in before)  # ZeRO-3 state gathered
     moved = changed(before, after)
     assert moved and all(".mlp." in k for k in moved)
+    for stage in ("instruct", "moe_tune"):
+        saved = weights(workdir / "run" / stage)
+        assert {t.dtype for t in saved.values() if t.is_floating_point()} == {torch.bfloat16}
+        assert json.loads((workdir / "run" / stage / "config.json").read_text())["dtype"] == (
+            "bfloat16"
+        )
 
 
 def test_non_finite_loss_stops_the_stage_keeping_the_last_good_checkpoint(workdir):
