@@ -32,12 +32,14 @@ def _fill(spec: OutputTensor, f) -> None:
         remaining -= n
 
 
-def generate_checkpoint(path: Path, layers: int, hidden: int, ffn: int, vocab: int) -> int:
+def generate_checkpoint(
+    path: Path, layers: int, hidden: int, ffn: int, vocab: int, dtype: str = "F32"
+) -> int:
     path.mkdir(parents=True)
     specs = []
 
     def add(name, *shape):
-        specs.append(OutputTensor(name, "F32", tuple(shape), None, "copy"))
+        specs.append(OutputTensor(name, dtype, tuple(shape), None, "copy"))
 
     add("language_model.model.embed_tokens.weight", vocab, hidden)
     for i in range(layers):
@@ -66,7 +68,15 @@ def generate_checkpoint(path: Path, layers: int, hidden: int, ffn: int, vocab: i
             "num_key_value_heads": hidden // 64,
             "vocab_size": vocab,
         },
-        "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32},
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "image_size": 32,
+            "patch_size": 8,
+        },
     }
     (path / "config.json").write_text(json.dumps(config))
     return (path / "model.safetensors").stat().st_size

@@ -120,3 +120,15 @@ def test_block_with_losses_adds_the_models_router_losses(bench):
     torch.testing.assert_close(
         bench.BlockWithLosses(block)(x).sum(), block(x).sum() + 0.01 * aux + 0.001 * z
     )
+
+
+def test_zero3_memory_script_prints_its_json():
+    data = run_json(
+        "zero3_memory.py", "--layers", "2", "--hidden", "128", "--ffn", "256", "--vocab", "512"
+    )
+    assert len(data["results"]) == 8
+    for name, result in data["results"].items():
+        assert len(result["ranks"]) == 2
+        # What each rank holds after the start-up: half the model, in bf16 or fp32.
+        held = 0.25 if name.startswith("partitioned-bf16") else 0.5
+        assert result["held_over_fp32"] == [pytest.approx(held, abs=0.02)] * 2, name
