@@ -183,6 +183,17 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class TrackingSection:
+    """Where a stage's step metrics go besides ``<stage>-state/metrics.jsonl`` (rank 0 only)."""
+
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    project: str = ""  # wandb project (default: the recipe's name)
+
+    def problems(self) -> list[Problem]:
+        return []
+
+
+@dataclass(frozen=True)
 class StageSection:
     """Training settings of one stage (Table 9)."""
 
@@ -289,6 +300,7 @@ class Recipe:
     moe: MoEConfig | None = None  # the sparse architecture of stage III
     data: DataSection = field(default_factory=DataSection)
     stages: Stages = field(default_factory=Stages)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     paper: PaperRef = field(default_factory=PaperRef)
     description: str = ""
 

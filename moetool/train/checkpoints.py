@@ -41,6 +41,7 @@ def fingerprint(
         for key in _NOT_THE_RUN:
             section.pop(key, None)
     recipe.get("data", {}).pop("num_workers", None)
+    recipe.pop("tracking", None)  # where metrics are reported is not what the run computes
     start = None
     if init is not None:
         config = init / "config.json"

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from moetool.io import describe_write_error, held_output, inputs_inside
 from moetool.recipe.load import recipe_to_dict
 from moetool.recipe.schema import Recipe, StageSection
 from moetool.train import checkpoints
+from moetool.train.tracking import NoTracker, TrackingError, check_available, open_tracker
 
 STAGE_INPUTS = {"pretrain": (), "instruct": ("pretrain",), "moe_tune": ("instruct", "pretrain")}
 
@@ -65,6 +67,19 @@ class StepMetrics:
     lr: float
     tokens_per_s: float
     skipped: int = 0  # bad samples skipped in this step, all ranks
+
+    def tracked(self) -> dict[str, float]:
+        """The step's scalars as trackers show them (TensorBoard tags, wandb keys)."""
+        out = {
+            "train/loss": self.loss,
+            "train/lm_loss": self.lm_loss,
+            "train/lr": self.lr,
+            "train/tokens_per_s": self.tokens_per_s,
+            "train/skipped_samples": float(self.skipped),
+        }
+        if self.aux_loss is not None:
+            out["train/aux_loss_per_layer"] = self.aux_loss
+        return out
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -253,6 +268,10 @@ def run_stage(
                 f"{written} (written by stage {stage_name}) contains its input "
                 f"{', '.join(map(str, inside))}: choose another --out"
             )
+    try:
+        check_available(recipe.tracking.report_to)
+    except TrackingError as err:
+        raise TrainingError(str(err)) from None
     missing = [str(f) for f in data_files if not f.is_file()]
     if missing:
         raise TrainingError(f"stage {stage_name}: no such data file {', '.join(missing)}")
@@ -373,97 +392,122 @@ def run_stage(
     done_this_run = 0
     pending: str | None = None  # a failed write on rank 0, reported at the next agreement
     batches, batches_epoch, last_good = None, None, None
-    engine.train()
-    while step < total_steps:
-        epoch, within = divmod(step, steps_per_epoch)
-        if batches_epoch != epoch:  # skip what a resumed run already trained on, unloaded
-            sampler.set_epoch(epoch, within * micro_steps)
-            batches, batches_epoch = iter(loader), epoch
-        started = time.perf_counter()
-        tokens = 0
-        sums = {"loss": 0.0, "lm": 0.0, "aux": 0.0}
-        skipped_this_step = 0
-        for _ in range(micro_steps):
-            batch, bad = next(batches)
-            problem, weight = None, 1.0
-            if bad and not skip_bad:
-                problem = bad[0].message
-            elif bad:
-                skipped.update(b.reason for b in bad)
-                skipped_this_step += len(bad)
-                if batch is None:  # nothing left: keep the ranks in step with a zero-weight pass
-                    if last_good is None:
-                        problem = (
-                            f"every sample of a micro-batch is bad ({bad[0].message}), and no "
-                            "good one came before it"
-                        )
-                    batch, weight = last_good, 0.0
-            # every rank stops together (a bad sample here, a metrics write that failed on rank 0)
-            failed = _failures_on_any_rank(problem or pending, rank, world)
-            if failed:
-                raise TrainingError(
-                    f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
-                )
-            if weight:
-                last_good = batch
-                tokens += int(batch["attention_mask"].sum())
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            outputs = engine(**batch)
-            loss = outputs.loss
-            bad_loss = None if torch.isfinite(loss) else f"non-finite loss ({loss.item()})"
-            failed = _failures_on_any_rank(bad_loss, rank, world)
-            if failed:
-                raise TrainingError(
-                    f"stage {stage_name}: {failed} at step {step + 1}; "
-                    + _last_good(state / "checkpoints")
-                )
-            engine.backward(loss * weight if weight != 1.0 else loss)
-            engine.step()
-            sums["loss"] += weight * loss.item() / micro_steps
-            lm = getattr(outputs, "lm_loss", None)
-            sums["lm"] += weight * (lm if lm is not None else loss).item() / micro_steps
-            aux = getattr(outputs, "aux_loss", None)
-            if aux is not None:
-                sums["aux"] += weight * aux.item() / aux_layers / micro_steps
-        step += 1
-        done_this_run += 1
-        elapsed = time.perf_counter() - started
-        metrics = StepMetrics(
-            step,
-            total_steps,
-            sums["loss"],
-            sums["lm"],
-            sums["aux"] if aux_layers else None,
-            scheduler.get_last_lr()[0],
-            tokens * world / elapsed,
-            _sum_over_ranks(skipped_this_step, world),
+    tracker = NoTracker()
+    if rank == 0:
+        tracker = open_tracker(
+            recipe.tracking.report_to,
+            state,
+            recipe.tracking.project or recipe.name,
+            f"{run_dir.name}/{stage_name}",
+            recipe_to_dict(recipe),
+            first_step=step + 1,
         )
-        losses.append(metrics.loss)
-        if rank == 0:
-            try:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(metrics.__dict__) + "\n")
-            except OSError as err:  # the ranks learn it at the next check
-                pending = f"could not write {metrics_path}: {describe_write_error(err)}"
-        if on_step is not None and rank == 0:
-            on_step(metrics)
-        if stage.save_steps and step % stage.save_steps == 0 and step < total_steps:
-            failed = _save_checkpoint(
-                engine, state / "checkpoints", step, run, stage.save_total_limit, pending
+    try:
+        engine.train()
+        while step < total_steps:
+            epoch, within = divmod(step, steps_per_epoch)
+            if batches_epoch != epoch:  # skip what a resumed run already trained on, unloaded
+                sampler.set_epoch(epoch, within * micro_steps)
+                batches, batches_epoch = iter(loader), epoch
+            started = time.perf_counter()
+            tokens = 0
+            sums = {"loss": 0.0, "lm": 0.0, "aux": 0.0}
+            skipped_this_step = 0
+            for _ in range(micro_steps):
+                batch, bad = next(batches)
+                problem, weight = None, 1.0
+                if bad and not skip_bad:
+                    problem = bad[0].message
+                elif bad:
+                    skipped.update(b.reason for b in bad)
+                    skipped_this_step += len(bad)
+                    if batch is None:  # nothing left: a zero-weight pass keeps the ranks in step
+                        if last_good is None:
+                            problem = (
+                                f"every sample of a micro-batch is bad ({bad[0].message}), and no "
+                                "good one came before it"
+                            )
+                        batch, weight = last_good, 0.0
+                # every rank stops together (a bad sample here, a failed metrics write on rank 0)
+                failed = _failures_on_any_rank(problem or pending, rank, world)
+                if failed:
+                    raise TrainingError(
+                        f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
+                    )
+                if weight:
+                    last_good = batch
+                    tokens += int(batch["attention_mask"].sum())
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                outputs = engine(**batch)
+                loss = outputs.loss
+                bad_loss = None if torch.isfinite(loss) else f"non-finite loss ({loss.item()})"
+                failed = _failures_on_any_rank(bad_loss, rank, world)
+                if failed:
+                    raise TrainingError(
+                        f"stage {stage_name}: {failed} at step {step + 1}; "
+                        + _last_good(state / "checkpoints")
+                    )
+                engine.backward(loss * weight if weight != 1.0 else loss)
+                engine.step()
+                sums["loss"] += weight * loss.item() / micro_steps
+                lm = getattr(outputs, "lm_loss", None)
+                sums["lm"] += weight * (lm if lm is not None else loss).item() / micro_steps
+                aux = getattr(outputs, "aux_loss", None)
+                if aux is not None:
+                    sums["aux"] += weight * aux.item() / aux_layers / micro_steps
+            step += 1
+            done_this_run += 1
+            elapsed = time.perf_counter() - started
+            metrics = StepMetrics(
+                step,
+                total_steps,
+                sums["loss"],
+                sums["lm"],
+                sums["aux"] if aux_layers else None,
+                scheduler.get_last_lr()[0],
+                tokens * world / elapsed,
+                _sum_over_ranks(skipped_this_step, world),
+            )
+            losses.append(metrics.loss)
+            if rank == 0:
+                try:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(metrics.__dict__) + "\n")
+                except OSError as err:  # the ranks learn it at the next check
+                    pending = f"could not write {metrics_path}: {describe_write_error(err)}"
+                try:
+                    tracker.log(metrics.tracked(), step)
+                except Exception as err:  # the run goes on: metrics.jsonl has every step
+                    warnings.warn(
+                        f"tracking.report_to = {recipe.tracking.report_to!r} failed at step "
+                        f"{step} ({err}); tracking stops, {metrics_path} keeps every step",
+                        stacklevel=1,
+                    )
+                    tracker = NoTracker()
+            if on_step is not None and rank == 0:
+                on_step(metrics)
+            if stage.save_steps and step % stage.save_steps == 0 and step < total_steps:
+                failed = _save_checkpoint(
+                    engine, state / "checkpoints", step, run, stage.save_total_limit, pending
+                )
+                if failed:
+                    raise TrainingError(
+                        f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
+                    )
+            if stop_after is not None and done_this_run >= stop_after:
+                break
+        else:
+            failed = _save_final(
+                engine, model, processor, recipe, stage_name, out, overwrite, pending
             )
             if failed:
                 raise TrainingError(
-                    f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
+                    f"stage {stage_name}: {failed}; "
+                    + _keep_trained_state(engine, state / "checkpoints", step, run, stage)
                 )
-        if stop_after is not None and done_this_run >= stop_after:
-            break
-    else:
-        failed = _save_final(engine, model, processor, recipe, stage_name, out, overwrite, pending)
-        if failed:
-            raise TrainingError(
-                f"stage {stage_name}: {failed}; "
-                + _keep_trained_state(engine, state / "checkpoints", step, run, stage)
-            )
+    finally:
+        tracker.close()
+
     skipped = _gather_counts(skipped, world)
     torch.distributed.barrier()  # every rank returns after rank 0 has written its files
     return StageResult(
