@@ -48,6 +48,20 @@ def test_convert_json_summary_and_one_clear_error(tmp_path):
     assert "official capacity" in kept.stdout
     assert json.loads((out / "config.json").read_text())["moe"]["eval_capacity_factor"] == 2.0
 
+    # An OUT that holds the input is refused, not replaced (it would delete the checkpoint).
+    inside = run(
+        "convert",
+        str(src),
+        str(src.parent),
+        "--from",
+        "moe-llava",
+        "--vision-config",
+        vision,
+        "--overwrite",
+    )
+    assert inside.returncode == 2 and "contains this command's input" in inside.stderr
+    assert (src / "model.safetensors").is_file() and "Traceback" not in inside.stderr
+
     wrong = run("convert", str(src), str(tmp_path / "x"), "--from", "llava-1.5")
     assert wrong.returncode == 2 and "moe-llava" in wrong.stderr and "Traceback" not in wrong.stderr
     (src / "model.safetensors").unlink()

@@ -152,6 +152,46 @@ def test_resume_reaches_the_same_parameters_and_curve(workdir):
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2", "step-4"]
 
 
+def test_kill_9_at_a_random_step_then_resume_gives_the_same_run(workdir):
+    """SIGKILL lands wherever it lands (mid-step or mid-checkpoint): --resume still reaches the
+    uninterrupted run's weights and losses, with one metrics row per step."""
+    import random
+    import signal
+    import time
+
+    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
+    args = [
+        "instruct",
+        "recipe.toml",
+        "--init",
+        "run/pretrain",
+        "--set",
+        "stages.instruct.max_steps=6",
+        "--set",
+        "stages.instruct.save_steps=1",
+    ]
+    cli(*args, "--out", "full")
+    kill_after = random.randint(1, 5)
+    proc = subprocess.Popen(
+        [SCRIPT, *args, "--out", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    metrics = workdir / "killed/instruct-state/metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "killed/instruct").exists(), f"finished before the kill ({kill_after})"
+    cli(*args, "--out", "killed", "--resume")
+    assert not changed(weights(workdir / "full/instruct"), weights(workdir / "killed/instruct"))
+    rows = [json.loads(r) for r in metrics.read_text().splitlines()]
+    full = [json.loads(r) for r in (workdir / "full/instruct-state/metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], f"killed after step {kill_after}"
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full]
+
+
 def test_overwrite_then_resume_never_continues_the_old_run(workdir):
     """A finished run; --overwrite with another lr, killed after one step; then --resume
     --overwrite: it must not load the first run's checkpoints (it starts the new run again)."""
