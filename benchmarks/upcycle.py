@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from moetool.upcycle import OutputTensor, write_safetensors
+from moetool.checkpoint_io import write_safetensors
+from moetool.upcycle import OutputTensor
 
 _BLOCK = os.urandom(1 << 20)
 

@@ -28,16 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moetool import __version__
-from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
-from moetool.models.moe.config import MoEConfig, MoEConfigError, resolve_moe_layers
-from moetool.upcycle import (
+from moetool.checkpoint_io import (
     SAFETENSORS_DTYPE_BYTES,
-    UpcycleError,
-    _copy_range,
-    _tensor_bytes,
+    CheckpointError,
+    copy_range,
     read_safetensors_header,
+    tensor_bytes,
     write_sharded_safetensors,
 )
+from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
+from moetool.models.moe.config import MoEConfig, MoEConfigError, resolve_moe_layers
 
 SOURCE_FORMATS = ("moe-llava",)
 IMAGE_TOKEN = "<image>"
@@ -809,7 +809,7 @@ class SourceCheckpoint:
     def _read_safetensors(self, file: Path) -> list[str]:
         try:
             header = read_safetensors_header(file)
-        except UpcycleError as err:
+        except CheckpointError as err:
             raise ConvertError(str(err)) from None
         except (ValueError, OSError, KeyError, TypeError, struct.error) as err:
             raise ConvertError(f"{file}: not a safetensors file ({err})") from None
@@ -869,12 +869,12 @@ class SourceCheckpoint:
             if entry.file not in self._fds:
                 self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
             count = (last - first) * row_bytes if shape else entry.nbytes
-            _copy_range(self._fds[entry.file], f, entry.begin + first * row_bytes, count)
+            copy_range(self._fds[entry.file], f, entry.begin + first * row_bytes, count)
         else:
             tensor = self._tensors[spec.source]
             if spec.rows is not None:
                 tensor = tensor[first:last]
-            f.write(_tensor_bytes(tensor))
+            f.write(tensor_bytes(tensor))
         if spec.pad_rows:
             f.write(bytes(spec.pad_rows * row_bytes))
 

@@ -1,0 +1,202 @@
+"""Safetensors checkpoints read and written tensor by tensor, without holding a model: the
+header index of a checkpoint directory (where each tensor's bytes are), a writer whose header is
+known in advance, sharding with an index, and byte-range copies done by the kernel. Shared by
+``upcycle``, ``convert`` and ``export``."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as safetensors."""
+
+
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class TensorSpec(Protocol):
+    """What the writers need of a tensor to write: its name, dtype, shape and size."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """A tensor inside a safetensors file: where its bytes are, without reading them."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > os.fstat(f.fileno()).st_size - 8:
+            raise CheckpointError(f"{path}: not a safetensors file (header longer than the file)")
+        header = json.loads(f.read(length))
+    base = 8 + length
+    return {
+        name: TensorEntry(
+            path,
+            info["dtype"],
+            tuple(info["shape"]),
+            base + info["data_offsets"][0],
+            base + info["data_offsets"][1],
+        )
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+
+
+def read_checkpoint_index(src: Path) -> dict[str, TensorEntry]:
+    """Every tensor of a safetensors checkpoint directory (single file or sharded)."""
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (src / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        found = [p.name for p in src.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)]
+        hint = (
+            f" (found {', '.join(found)}: re-save it with safetensors, e.g. "
+            "save_pretrained(..., safe_serialization=True))"
+            if found
+            else ""
+        )
+        raise CheckpointError(f"{src}: no safetensors weights{hint}")
+    entries: dict[str, TensorEntry] = {}
+    for name in files:
+        entries.update(read_safetensors_header(src / name))
+    return entries
+
+
+def copy_range(src_fd: int, dst, begin: int, count: int) -> None:
+    dst.flush()
+    dst_fd = dst.fileno()
+    offset = begin
+    remaining = count
+    try:
+        while remaining:
+            done = os.copy_file_range(src_fd, dst_fd, remaining, offset)
+            if done == 0:
+                raise OSError("copy_file_range copied nothing")
+            offset += done
+            remaining -= done
+    except (OSError, AttributeError):
+        while remaining:  # portable fallback, 64 MiB at a time
+            chunk = os.pread(src_fd, min(remaining, 1 << 26), offset)
+            dst.write(chunk)
+            offset += len(chunk)
+            remaining -= len(chunk)
+    dst.seek(0, os.SEEK_END)
+
+
+def write_safetensors(
+    path: Path,
+    specs: list[TensorSpec],
+    write_tensor: Callable[[TensorSpec, object], None],
+    metadata: dict | None = None,
+) -> None:
+    """Write a safetensors file whose header is known in advance; ``write_tensor(spec, file)``
+    appends each tensor's bytes in order."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for spec in specs:
+            start = f.tell()
+            write_tensor(spec, f)
+            if f.tell() - start != spec.nbytes:
+                raise CheckpointError(
+                    f"{spec.name}: wrote {f.tell() - start} bytes, expected {spec.nbytes}"
+                )
+
+
+def split_shards(specs: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def write_sharded_safetensors(
+    directory: Path,
+    specs: Iterable[TensorSpec],
+    write_tensor: Callable[[TensorSpec, object], None],
+    max_shard_bytes: int = 5 * 1024**3,
+) -> list[str]:
+    """``model.safetensors``, or numbered shards of at most ``max_shard_bytes`` plus
+    ``model.safetensors.index.json``, in ``directory``; returns the file names."""
+    specs = list(specs)
+    shards = split_shards(specs, max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard in zip(names, shards, strict=True):
+        write_safetensors(directory / name, shard, write_tensor)
+    if len(shards) > 1:
+        weight_map = {
+            spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard
+        }
+        total = sum(spec.nbytes for spec in specs)
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    return names
+
+
+def tensor_bytes(tensor) -> memoryview:
+    import torch
+
+    return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
