@@ -132,3 +132,23 @@ def test_zero3_memory_script_prints_its_json():
         # What each rank holds after the start-up: half the model, in bf16 or fp32.
         held = 0.25 if name.startswith("partitioned-bf16") else 0.5
         assert result["held_over_fp32"] == [pytest.approx(held, abs=0.02)] * 2, name
+
+
+def test_data_pipeline_script_prints_its_json():
+    data = run_json(
+        "data_pipeline.py",
+        "--batch",
+        "1",
+        "--steps",
+        "2",
+        "--step-seconds",
+        "0.02",
+        "--workers",
+        "0",
+        "1",
+    )
+    assert set(data["results"]) == {"num_workers=0", "num_workers=1"}
+    # The samples fill max_length with the image's 576 tokens: real-size conversations.
+    assert all(1400 < n <= 2048 for n in data["setting"]["tokens_per_sample"])
+    for row in data["results"].values():
+        assert 0 <= row["data_wait_share"] < 1 and row["step_seconds_mean"] > 0
