@@ -139,7 +139,16 @@ MALLOC = {
 def run(mode: str, checkpoint: Path, env: dict) -> list[dict]:
     torchrun = Path(sys.executable).parent / "torchrun"
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", __file__, "--worker", mode, str(checkpoint)],
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            __file__,
+            "--worker",
+            mode,
+            str(checkpoint),
+        ],
         capture_output=True,
         text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1", **env),

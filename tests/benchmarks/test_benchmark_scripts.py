@@ -68,8 +68,8 @@ def run_json(script: str, *args: str) -> dict:
         [sys.executable, str(SCRIPT.parent / script), *args],
         capture_output=True,
         text=True,
-        check=True,
     )
+    assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
 

