@@ -94,6 +94,35 @@ def transformers_tokens_per_s(path: Path, batch: list[dict], max_tokens: int, re
     return generated / min(timings), min(timings)
 
 
+def measure(root: Path, python: Path, args) -> dict:
+    sparse, native = build(root, args.hidden, args.layers, args.experts)
+    jobs = [
+        {
+            "name": f"batch-{n}",
+            "path": str(native),
+            "prompts": prompts(root, n),
+            "max_tokens": args.max_tokens,
+            "ignore_eos": True,
+            "repeats": args.repeats + 1,  # the first is the warm-up
+        }
+        for n in BATCHES
+    ]
+    served = generate(python, jobs)
+    results = {}
+    for n, job in zip(BATCHES, jobs, strict=True):
+        vllm_s = min(served[job["name"]]["generate_seconds"][1:])
+        generated = sum(len(p["tokens"]) for p in served[job["name"]]["prompts"])
+        row = {"vllm_tokens_per_s": generated / vllm_s}
+        for label, path in (("moetool", sparse), ("native", native)):
+            rate, _ = transformers_tokens_per_s(path, job["prompts"], args.max_tokens, args.repeats)
+            row[f"transformers_{label}_tokens_per_s"] = rate
+        row["vllm_over_transformers_moetool"] = (
+            row["vllm_tokens_per_s"] / row["transformers_moetool_tokens_per_s"]
+        )
+        results[f"batch {n}"] = row
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="vLLM's environment")
@@ -103,36 +132,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    from moetool.cli.render import stdout_to_stderr
+
     python = ensure_venv(args.venv.resolve())
     root = Path(tempfile.mkdtemp(prefix="moetool-serve-bench-"))
     try:
-        sparse, native = build(root, args.hidden, args.layers, args.experts)
-        jobs = [
-            {
-                "name": f"batch-{n}",
-                "path": str(native),
-                "prompts": prompts(root, n),
-                "max_tokens": args.max_tokens,
-                "ignore_eos": True,
-                "repeats": args.repeats + 1,  # the first is the warm-up
-            }
-            for n in BATCHES
-        ]
-        served = generate(python, jobs)
-        results = {}
-        for n, job in zip(BATCHES, jobs, strict=True):
-            vllm_s = min(served[job["name"]]["generate_seconds"][1:])
-            generated = sum(len(p["tokens"]) for p in served[job["name"]]["prompts"])
-            row = {"vllm_tokens_per_s": generated / vllm_s}
-            for label, path in (("moetool", sparse), ("native", native)):
-                rate, _ = transformers_tokens_per_s(
-                    path, job["prompts"], args.max_tokens, args.repeats
-                )
-                row[f"transformers_{label}_tokens_per_s"] = rate
-            row["vllm_over_transformers_moetool"] = (
-                row["vllm_tokens_per_s"] / row["transformers_moetool_tokens_per_s"]
-            )
-            results[f"batch {n}"] = row
+        with stdout_to_stderr():  # libraries' prints (DeepSpeed's, on save) stay out of the JSON
+            results = measure(root, python, args)
         print(
             json.dumps(
                 {
