@@ -138,7 +138,8 @@ def choose_target(base: str, moe: MoEConfig, num_layers: int, requested: str = "
     raise ExportError(
         f"no native MoE architecture reproduces a {base} base exactly (qwen3_moe takes qwen3 "
         "bases; qwen2_moe qwen2, llama and mistral; mixtral llama and mistral): its attention "
-        "or MLP has no native MoE counterpart. Load it with moetool (import moetool) instead"
+        "or MLP has no native MoE counterpart. Serve the checkpoint as it is with moetool's vLLM "
+        "plugin, or load it with moetool (docs/serving.md)"
     )
 
 

@@ -44,6 +44,7 @@ def ensure_venv(venv: Path = DEFAULT_VENV) -> Path:
     python = venv / "bin" / "python"
     marker = venv / MARKER
     if python.exists() and marker.exists() and json.loads(marker.read_text()).get("vllm") == VLLM:
+        install_moetool(python)
         return python
     print(f"vllm lane: building {venv} with {VLLM} (a few minutes) ...", flush=True)
     _run([sys.executable, "-m", "venv", "--clear", str(venv)], "venv")
@@ -68,7 +69,18 @@ def ensure_venv(venv: Path = DEFAULT_VENV) -> Path:
         meta.write_text(text)
     _run([str(python), "-c", "import torchvision, vllm"], "import vllm")
     marker.write_text(json.dumps({"vllm": VLLM}))
+    install_moetool(python)
     return python
+
+
+def install_moetool(python: Path) -> None:
+    """This checkout of moetool, editable, without its dependencies (vLLM's environment keeps
+    its own torch and transformers): its entry point ``vllm.general_plugins`` lets every vLLM
+    process serve moetool's sparse checkpoints."""
+    _run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)],
+        "pip install --no-deps -e (moetool into vLLM's environment)",
+    )
 
 
 def generate(python: Path, models: list[dict]) -> dict:

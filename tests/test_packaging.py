@@ -68,3 +68,23 @@ def test_the_set_up_commands_install_from_the_lock():
     assert len(commands) == 2
     assert all(" -c constraints.txt -e " in command for command in commands)
     assert " -c constraints.txt -e '.[dev]'" in (REPO / ".ci/run").read_text()
+
+
+def test_the_vllm_plugin_is_an_entry_point_that_needs_no_vllm_to_import():
+    """vLLM runs every ``vllm.general_plugins`` entry point in each of its processes; moetool's
+    must exist, and importing it must not need vLLM (which is not a dependency)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    (plugin,) = [
+        e
+        for e in importlib.metadata.entry_points(group="vllm.general_plugins")
+        if e.name == "moetool"
+    ]
+    assert plugin.value == "moetool.vllm_plugin:register"
+    code = (
+        "import sys, moetool.vllm_plugin as p; assert callable(p.register); "
+        "assert 'vllm' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
@@ -36,6 +36,43 @@ def decoder_layers(model: LlavaForConditionalGeneration):
     return model.model.language_model.layers
 
 
+def make_sparse(model, config: MoELlavaConfig) -> None:
+    """Replace the MLP of each MoE layer of ``model`` (a LLaVA model or its CausalLM) by a MoE
+    block of copies of it, and initialise the new routers like the rest of the model."""
+    moe = MoEConfig.from_dict(config.moe, config.text_config.num_hidden_layers)
+    hidden = config.text_config.hidden_size
+    inner = model.model if hasattr(model, "lm_head") else model
+    layers = inner.language_model.layers
+    partitioned = is_deepspeed_zero3_enabled()
+    for index in moe.layers:
+        mlp = layers[index].mlp
+        if partitioned:
+            # deepspeed.zero.Init partitions each module as it is built; a deepcopy of one
+            # would share its partition bookkeeping. Each expert is built as its own module
+            # of the backbone's MLP class (every supported one takes the text config); the
+            # weights come from the checkpoint being loaded.
+            experts = [mlp] + [type(mlp)(config.text_config) for _ in range(moe.num_experts - 1)]
+            layers[index].mlp = MoEBlock(experts, hidden, moe)
+        else:
+            layers[index].mlp = MoEBlock.upcycle(mlp, hidden, moe)
+    for block in model.modules():
+        if isinstance(block, MoEBlock):
+            model._init_weights(block.router)
+
+
+class MoELlavaModel(LlavaModel):
+    """The sparse LLaVA without its LM head: what ``AutoModel`` builds (vLLM's Transformers
+    backend builds this and adds its own head; see ``moetool.vllm_plugin``)."""
+
+    config_class = MoELlavaConfig
+    config: MoELlavaConfig
+    _no_split_modules = ["MoEBlock"]
+
+    def __init__(self, config: MoELlavaConfig):
+        super().__init__(config)
+        make_sparse(self, config)
+
+
 class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
     config_class = MoELlavaConfig
     config: MoELlavaConfig
@@ -43,26 +80,7 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def __init__(self, config: MoELlavaConfig):
         super().__init__(config)
-        moe = self.moe_config
-        hidden = config.text_config.hidden_size
-        layers = decoder_layers(self)
-        partitioned = is_deepspeed_zero3_enabled()
-        for index in moe.layers:
-            mlp = layers[index].mlp
-            if partitioned:
-                # deepspeed.zero.Init partitions each module as it is built; a deepcopy of one
-                # would share its partition bookkeeping. Each expert is built as its own module
-                # of the backbone's MLP class (every supported one takes the text config); the
-                # weights come from the checkpoint being loaded.
-                experts = [mlp] + [
-                    type(mlp)(config.text_config) for _ in range(moe.num_experts - 1)
-                ]
-                layers[index].mlp = MoEBlock(experts, hidden, moe)
-            else:
-                layers[index].mlp = MoEBlock.upcycle(mlp, hidden, moe)
-        # Routers are new modules: initialise them like the rest of the model.
-        for block in self.moe_blocks():
-            self._init_weights(block.router)
+        make_sparse(self, config)
 
     @cached_property
     def moe_config(self) -> MoEConfig:

@@ -23,23 +23,27 @@ _registering = False
 
 
 def register() -> None:
-    """Register ``moetool_llava`` with AutoConfig, AutoModelForImageTextToText and the
+    """Register ``moetool_llava`` with AutoConfig, AutoModel, AutoModelForImageTextToText and the
     checkpoint key conversions (idempotent)."""
     global _done, _registering
     if _done or _registering:
         return
     _registering = True
     try:
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
         from transformers.conversion_mapping import (
             get_checkpoint_conversion_mapping,
             register_checkpoint_conversion_mapping,
         )
 
         from moetool.models.configuration_moe_llava import MOE_MODEL_TYPE, MoELlavaConfig
-        from moetool.models.modeling_moe_llava import MoELlavaForConditionalGeneration
+        from moetool.models.modeling_moe_llava import (
+            MoELlavaForConditionalGeneration,
+            MoELlavaModel,
+        )
 
         AutoConfig.register(MOE_MODEL_TYPE, MoELlavaConfig, exist_ok=True)
+        AutoModel.register(MoELlavaConfig, MoELlavaModel, exist_ok=True)
         AutoModelForImageTextToText.register(
             MoELlavaConfig, MoELlavaForConditionalGeneration, exist_ok=True
         )

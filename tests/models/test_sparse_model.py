@@ -304,3 +304,27 @@ def test_loss_and_gradients_equal_under_every_kind_of_checkpointing(
     lm_only = results["lm only"][1]
     routers = [n for n in grads if n.endswith("router.weight")]
     assert routers and all((lm_only[n] - grads[n]).abs().max() > 1e-4 for n in routers)
+
+
+def test_automodel_builds_the_sparse_base_model_that_vllm_serves(tmp_path):
+    """vLLM's Transformers backend builds ``AutoModel`` for the config and adds its own head:
+    it must be the sparse model's own base (same hidden states), not a dense LLaVA."""
+    from transformers import AutoModel, AutoModelForImageTextToText
+
+    from moetool.models.modeling_moe_llava import MoELlavaModel
+    from moetool.models.moe import MoEBlock
+
+    recipe = load_recipe(recipes_root() / "tiny/phi.toml")
+    dense, processor = build_random_lvlm(recipe, seed=4)
+    save_checkpoint(dense, processor, tmp_path / "dense")
+    moe = MoEConfig(num_experts=4, top_k=2, drop_upcycling=0.5)
+    upcycle_checkpoint(tmp_path / "dense", tmp_path / "sparse", moe, seed=1)
+    base = AutoModel.from_pretrained(tmp_path / "sparse").eval()
+    full = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse").eval()
+    assert isinstance(base, MoELlavaModel)
+    assert sum(isinstance(m, MoEBlock) for m in base.modules()) == len(full.moe_blocks()) > 0
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        hidden = base(input_ids=ids).last_hidden_state
+        expected = full.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
