@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -200,3 +201,42 @@ def tensor_bytes(tensor) -> memoryview:
     import torch
 
     return memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+class SourceFiles:
+    """The files of a source checkpoint, each opened once, for byte-range copies of its tensors
+    (``copy_range``); closed when the ``with`` block ends."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def copy(self, f, entry: TensorEntry, offset: int = 0, count: int | None = None) -> None:
+        """Append ``count`` bytes of ``entry`` from ``offset`` (default: all of it) to ``f``."""
+        fd = self._fds.get(entry.file)
+        if fd is None:
+            fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
+        copy_range(fd, f, entry.begin + offset, entry.nbytes - offset if count is None else count)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SourceFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Everything of checkpoint ``src`` but its weights and config (tokenizer, processor, chat
+    template, generation config), into ``dst``."""
+    for item in src.iterdir():
+        weights = item.name.endswith(WEIGHT_SUFFIXES) or item.name in WEIGHT_INDEXES
+        if weights or item.name == "config.json":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)

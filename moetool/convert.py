@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import struct
 from collections.abc import Callable, Mapping
@@ -31,7 +30,7 @@ from moetool import __version__
 from moetool.checkpoint_io import (
     SAFETENSORS_DTYPE_BYTES,
     CheckpointError,
-    copy_range,
+    SourceFiles,
     read_safetensors_header,
     tensor_bytes,
     write_sharded_safetensors,
@@ -771,7 +770,7 @@ class SourceCheckpoint:
         self.entries: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._ranges: dict = {}
         self._tensors: dict = {}
-        self._fds: dict[Path, int] = {}
+        self._sources = SourceFiles()
         files = self._weight_files(src)
         origin: dict[str, Path] = {}
         for file in files:
@@ -866,10 +865,8 @@ class SourceCheckpoint:
         first, last = spec.rows if spec.rows is not None else (0, shape[0] if shape else 1)
         if spec.source in self._ranges:
             entry = self._ranges[spec.source]
-            if entry.file not in self._fds:
-                self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
             count = (last - first) * row_bytes if shape else entry.nbytes
-            copy_range(self._fds[entry.file], f, entry.begin + first * row_bytes, count)
+            self._sources.copy(f, entry, first * row_bytes, count)
         else:
             tensor = self._tensors[spec.source]
             if spec.rows is not None:
@@ -879,9 +876,7 @@ class SourceCheckpoint:
             f.write(bytes(spec.pad_rows * row_bytes))
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._sources.close()
 
 
 # --------------------------------------------------------------------------------------------

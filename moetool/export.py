@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +22,10 @@ from pathlib import Path
 from moetool import __version__
 from moetool.checkpoint_io import (
     SAFETENSORS_DTYPE_BYTES,
-    WEIGHT_INDEXES,
-    WEIGHT_SUFFIXES,
     CheckpointError,
+    SourceFiles,
     TensorEntry,
-    copy_range,
+    copy_side_files,
     read_checkpoint_index,
     write_sharded_safetensors,
 )
@@ -328,17 +325,14 @@ def export_checkpoint(
     plan = plan_export(config, entries, target)
     total = sum(t.nbytes for t in plan.tensors)
     written = 0
-    fds: dict[Path, int] = {}
+    sources = SourceFiles()
 
     def write_tensor(spec: ExportTensor, f) -> None:
         nonlocal written
         if spec.source is None:
             f.write(bytes(spec.nbytes))  # zeros in every dtype
         else:
-            entry = entries[spec.source]
-            if entry.file not in fds:
-                fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-            copy_range(fds[entry.file], f, entry.begin, entry.nbytes)
+            sources.copy(f, entries[spec.source])
         written += spec.nbytes
         if progress:
             progress(written, total)
@@ -347,17 +341,9 @@ def export_checkpoint(
         with atomic_output_dir(out, overwrite, inputs=[src]) as tmp:
             write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes)
             (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-            for item in src.iterdir():
-                skip = item.name == "config.json" or item.name in WEIGHT_INDEXES
-                if skip or item.name.endswith(WEIGHT_SUFFIXES):
-                    continue
-                if item.is_dir():
-                    shutil.copytree(item, tmp / item.name)
-                else:
-                    shutil.copy2(item, tmp / item.name)
+            copy_side_files(src, tmp)
     except UnsafeOverwriteError as err:
         raise ExportError(str(err)) from None
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        sources.close()
     return plan

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +19,10 @@ from pathlib import Path
 from moetool import __version__
 from moetool.checkpoint_io import (
     SAFETENSORS_DTYPE_BYTES,
-    WEIGHT_INDEXES,
-    WEIGHT_SUFFIXES,
     CheckpointError,
+    SourceFiles,
     TensorEntry,
-    copy_range,
+    copy_side_files,
     read_checkpoint_index,
     tensor_bytes,
     write_sharded_safetensors,
@@ -313,7 +310,7 @@ def upcycle_checkpoint(
 
     total = sum(spec.nbytes for spec in plan.tensors)
     written = 0
-    fds: dict[Path, int] = {}
+    sources = SourceFiles()
     handles: dict[Path, object] = {}
     dense_cache: dict = {}  # one dense FFN tensor while its experts are made (Drop-Upcycling)
 
@@ -335,10 +332,7 @@ def upcycle_checkpoint(
             and (plan.moe.drop_upcycling == 0 or spec.role not in ("in", "out"))
         )
         if exact_copy:
-            entry = entries[spec.source]
-            if entry.file not in fds:
-                fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-            copy_range(fds[entry.file], f, entry.begin, entry.nbytes)
+            sources.copy(f, entries[spec.source])
         elif spec.kind == "router":
             f.write(memoryview(init_router(plan, spec.layer)))
         else:
@@ -364,18 +358,7 @@ def upcycle_checkpoint(
                 "upcycle": {"seed": plan.seed, "mlp_structure": plan.structure.name},
             }
             (tmp / "config.json").write_text(json.dumps(sparse_config, indent=2) + "\n")
-            for item in src.iterdir():
-                if (
-                    item.name == "config.json"
-                    or item.name.endswith(WEIGHT_SUFFIXES)
-                    or item.name in WEIGHT_INDEXES
-                ):
-                    continue
-                if item.is_dir():
-                    shutil.copytree(item, tmp / item.name)
-                else:
-                    shutil.copy2(item, tmp / item.name)
+            copy_side_files(src, tmp)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        sources.close()
     return plan
