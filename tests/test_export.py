@@ -30,6 +30,7 @@ CASES = [
     ("llama", "all", 2, "mixtral"),
     ("llama", "all", 1, "qwen2_moe"),  # raw top-1 weights: Mixtral would renormalise them
     ("mistral", "interval", 2, "qwen2_moe"),
+    ("mistral", "first-half", 2, "qwen2_moe"),
     ("mistral", "all", 2, "mixtral"),
 ]
 # Runs in a fresh interpreter that never imports moetool: native transformers only.
