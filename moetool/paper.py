@@ -107,8 +107,6 @@ TABLE8: tuple[Table8Row, ...] = (
     ),
 )
 
-TABLE8_BY_NAME = {row.name: row for row in TABLE8}
-
 
 @dataclass(frozen=True)
 class BenchmarkFigures:
@@ -176,4 +174,3 @@ TABLE3_4: tuple[BenchmarkFigures, ...] = tuple(
         ),
     )
 )
-TABLE3_4_BY_RECIPE = {f.recipe: f for f in TABLE3_4}

@@ -33,8 +33,8 @@ def synth(
     """Generate the synthetic shapes world: LLaVA-JSON stage data, evaluation sets, and the same
     sets in lmms-eval's schemas under OUT/lmms (task configs for `lmms-eval --tasks` in
     OUT/lmms/tasks, and OUT/lmms/tasks-judged for MMBench/MM-Vet with a GPT judge)."""
-    from moetool.data.synth import SynthConfig, generate
-    from moetool.eval.datasets import write_eval_datasets, write_task_yamls
+    from moetool.data.synth import SynthConfig
+    from moetool.eval.datasets import synthesize_world
 
     try:
         config = SynthConfig(
@@ -46,12 +46,7 @@ def synth(
             stage3=stage3,
             eval_images=eval_images,
         )
-        counts = generate(out, config, overwrite=overwrite)
-        # The evaluation sets in lmms-eval's schemas, and task configs for its command line.
-        lmms = write_eval_datasets(out, out / "lmms")
-        counts.update({f"lmms/{name}": n for name, n in lmms.items()})
-        write_task_yamls(out / "lmms", out / "lmms" / "tasks")
-        write_task_yamls(out / "lmms", out / "lmms" / "tasks-judged", judge=True)
+        counts = synthesize_world(out, config, overwrite=overwrite)
     except (ValueError, FileExistsError) as err:
         fail(str(err))
     if as_json:

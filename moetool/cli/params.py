@@ -9,11 +9,6 @@ import typer
 
 from moetool.cli.render import billions, console, fail, millions, print_json, table
 
-EPILOG = (
-    "Examples: moetool param-count qwen-1.8b/moe-4x-top2 | moetool param-count --table --json | "
-    "moetool param-count --config ckpt/config.json --experts 4 --topk 2 --layers interval"
-)
-
 
 def param_count(
     recipe: Annotated[

@@ -12,7 +12,7 @@ import json
 import math
 import random
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,13 +191,17 @@ class _QA:
 
 
 def generate(
-    out: str | Path, config: SynthConfig | None = None, overwrite: bool = False
+    out: str | Path,
+    config: SynthConfig | None = None,
+    overwrite: bool = False,
+    also: Callable[[Path, Path], dict[str, int]] | None = None,
 ) -> dict[str, int]:
     """Write the synthetic dataset into ``out`` and return the number of records per file.
 
     ``out`` must not exist unless ``overwrite`` (``FileExistsError``); everything is written to
-    a temporary sibling that is renamed to ``out`` only when complete. The same config gives
-    byte-identical files.
+    a temporary sibling that is renamed to ``out`` only when complete — including what
+    ``also(tmp, out)`` writes into it (files derived from the world; paths it records should name
+    ``out``); its counts join the result. The same config gives byte-identical files.
     """
     config = config or SynthConfig()
     stage_sizes = {"stage1": config.stage1, "stage2": config.stage2, "stage3": config.stage3}
@@ -234,9 +238,10 @@ def generate(
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(records, sort_keys=True, indent=1, ensure_ascii=False)
             (tmp / name).write_text(text + "\n", encoding="utf-8")
+        derived = also(tmp, Path(out)) if also is not None else {}
 
     summary = {"images/train": len(train_scenes), "images/eval": len(eval_scenes)}
-    return summary | {name: len(records) for name, records in files.items()}
+    return summary | {name: len(records) for name, records in files.items()} | derived
 
 
 def _rng(config: SynthConfig, stream: str) -> random.Random:

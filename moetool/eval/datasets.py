@@ -227,6 +227,24 @@ def _yaml_value(value) -> str:
     return str(value)
 
 
+def synthesize_world(out: str | Path, config=None, overwrite: bool = False) -> dict[str, int]:
+    """``moetool data synth``: the synthetic world (``moetool.data.synth.generate``) and, in the
+    same temporary folder before it becomes ``out``, its evaluation sets in lmms-eval's schemas
+    (``out/lmms``) and task configs for the ``lmms-eval`` command line (``out/lmms/tasks``, and
+    ``out/lmms/tasks-judged`` for MMBench/MM-Vet with a GPT judge). Nothing of ``out`` exists
+    until all of it does. Returns the record counts per file."""
+    from moetool.data.synth import generate
+
+    def lmms_files(tmp: Path, final: Path) -> dict[str, int]:
+        counts = write_eval_datasets(tmp, tmp / "lmms")
+        # The task configs name the data where it will be, not in the temporary folder.
+        write_task_yamls(final / "lmms", tmp / "lmms" / "tasks")
+        write_task_yamls(final / "lmms", tmp / "lmms" / "tasks-judged", judge=True)
+        return {f"lmms/{name}": n for name, n in counts.items()}
+
+    return generate(out, config, overwrite=overwrite, also=lmms_files)
+
+
 def write_task_yamls(data: str | Path, out: str | Path, judge: bool = False) -> list[Path]:
     """Task configs for the ``lmms-eval`` command line (``--tasks DIR``): each names a built-in
     task and replaces only what ``task_overrides`` replaces. Without ``judge``, MMBench is the

@@ -165,6 +165,27 @@ def test_data_synth(tmp_path):
     assert counts["stage1.json"] == 20 and (tmp_path / "d/eval/pope_random.json").exists()
     again = run("data", "synth", str(tmp_path / "d"), check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+    # The lmms-eval files are written with the rest, before OUT appears: the task configs name
+    # OUT's own data, never the temporary folder they were written in.
+    tasks = (tmp_path / "d/lmms/tasks/gqa.yaml").read_text()
+    assert str((tmp_path / "d/lmms").resolve()) in tasks and ".tmp-" not in tasks
+    assert counts["lmms/gqa"] > 0
+
+
+def test_data_synth_leaves_nothing_when_a_late_file_fails(tmp_path, monkeypatch):
+    """A failure while writing the lmms-eval files (the last ones) used to leave a half-built
+    OUT; now OUT never appears and the temporary folder is removed."""
+    from moetool.data.synth import SynthConfig
+    from moetool.eval import datasets
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datasets, "write_task_yamls", disk_full)
+    small = SynthConfig(seed=1, image_size=32, stage1=8, stage2=8, stage3=8, eval_images=6)
+    with pytest.raises(OSError, match="No space"):
+        datasets.synthesize_world(tmp_path / "d", small)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_deepspeed_launcher_local_rank_is_taken_as_environment(monkeypatch):
