@@ -25,18 +25,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from vllm_lane import DEFAULT_VENV, ensure_venv, generate  # noqa: E402
+from vllm_lane import DEFAULT_VENV, ensure_venv, generate, upcycled_checkpoint  # noqa: E402
 
 BATCHES = (1, 16)
 
 
 def build(root: Path, hidden: int, layers: int, experts: int) -> tuple[Path, Path]:
     from moetool.export import export_checkpoint
-    from moetool.models.build import build_random_lvlm, save_checkpoint
-    from moetool.models.moe import MoEConfig
-    from moetool.recipe import load_recipe
-    from moetool.recipe.paths import recipes_root
-    from moetool.upcycle import upcycle_checkpoint
 
     overrides = [
         f"model.hidden_size={hidden}",
@@ -45,13 +40,11 @@ def build(root: Path, hidden: int, layers: int, experts: int) -> tuple[Path, Pat
         f"model.num_heads={hidden // 32}",
         f"model.num_kv_heads={max(1, hidden // 128)}",
     ]
-    recipe = load_recipe(recipes_root() / "tiny/qwen2.toml", overrides)
-    model, processor = build_random_lvlm(recipe, seed=0)
-    save_checkpoint(model, processor, root / "dense")
-    moe = MoEConfig(num_experts=experts, top_k=2, layers="interval", drop_upcycling=0.5)
-    upcycle_checkpoint(root / "dense", root / "sparse", moe, seed=1)
-    export_checkpoint(root / "sparse", root / "native")
-    return root / "sparse", root / "native"
+    sparse = upcycled_checkpoint(
+        root, "qwen2", overrides, 0, num_experts=experts, top_k=2, layers="interval"
+    )
+    export_checkpoint(sparse, root / "native")
+    return sparse, root / "native"
 
 
 def prompts(root: Path, n: int) -> list[dict]:

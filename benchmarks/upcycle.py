@@ -83,14 +83,19 @@ def generate_checkpoint(
     return (path / "model.safetensors").stat().st_size
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generated checkpoint's size (defaults: about 1.1 GB in fp32) and where it goes."""
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--ffn", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--experts", type=int, default=4)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moetool-upcycle-bench-", dir=args.workdir))
     try:

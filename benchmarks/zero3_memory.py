@@ -33,6 +33,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from upcycle import add_checkpoint_arguments, generate_checkpoint  # noqa: E402
+
 MODES = ("whole-fp32", "partitioned-bf16")
 
 
@@ -161,19 +164,12 @@ def run(mode: str, checkpoint: Path, env: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--ffn", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "CHECKPOINT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], Path(args.worker[1]))
         return
-    sys.path.insert(0, str(Path(__file__).parent))
-    from upcycle import generate_checkpoint
-
     work = Path(tempfile.mkdtemp(prefix="moetool-zero3-bench-", dir=args.workdir))
     try:
         results = {}

@@ -65,10 +65,8 @@ COMMON_KEYS = (
     "pad_token_id",
     "dtype",
 )
-# A language-model tensor of one decoder layer, in either key layout transformers reads.
-_LAYER_KEY = re.compile(
-    r"^(?:language_model\.model\.|model\.language_model\.)layers\.(?P<layer>\d+)\.(?P<rest>.+)$"
-)
+# A language-model tensor of one decoder layer (in the saved layout ``_native_name`` reads).
+_LAYER_KEY = re.compile(r"^language_model\.model\.layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
 _MIXTRAL_EXPERT = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 

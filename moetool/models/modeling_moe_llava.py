@@ -36,13 +36,12 @@ def decoder_layers(model: LlavaForConditionalGeneration):
     return model.model.language_model.layers
 
 
-def make_sparse(model, config: MoELlavaConfig) -> None:
-    """Replace the MLP of each MoE layer of ``model`` (a LLaVA model or its CausalLM) by a MoE
-    block of copies of it, and initialise the new routers like the rest of the model."""
+def make_sparse(model, layers, config: MoELlavaConfig) -> None:
+    """Replace the MLP of each MoE layer among the decoder ``layers`` of ``model`` (a LLaVA model
+    or its CausalLM) by a MoE block of copies of it, and initialise the new routers like the rest
+    of the model."""
     moe = MoEConfig.from_dict(config.moe, config.text_config.num_hidden_layers)
     hidden = config.text_config.hidden_size
-    inner = model.model if hasattr(model, "lm_head") else model
-    layers = inner.language_model.layers
     partitioned = is_deepspeed_zero3_enabled()
     for index in moe.layers:
         mlp = layers[index].mlp
@@ -70,7 +69,7 @@ class MoELlavaModel(LlavaModel):
 
     def __init__(self, config: MoELlavaConfig):
         super().__init__(config)
-        make_sparse(self, config)
+        make_sparse(self, self.language_model.layers, config)
 
 
 class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -80,7 +79,7 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def __init__(self, config: MoELlavaConfig):
         super().__init__(config)
-        make_sparse(self, config)
+        make_sparse(self, decoder_layers(self), config)
 
     @cached_property
     def moe_config(self) -> MoEConfig:

@@ -152,6 +152,13 @@ def default_init(run_dir: Path, stage: str, recipe: Recipe) -> Path | None:
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def stage_dtype(stage: StageSection):
+    """The torch dtype of the stage's ``precision``: what it loads and saves in."""
+    import torch
+
+    return getattr(torch, PRECISION_DTYPES[stage.precision])
+
+
 @contextlib.contextmanager
 def partitioned_loading(ds_config: dict) -> Iterator[None]:
     """Under ZeRO-3, models that ``from_pretrained`` builds in the block are created partitioned
@@ -183,7 +190,7 @@ def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: 
     from moetool.models.build import build_lvlm_from_parts, build_random_lvlm
 
     stage: StageSection = getattr(recipe.stages, stage_name)
-    dtype = getattr(torch, PRECISION_DTYPES[stage.precision])
+    dtype = stage_dtype(stage)
     if init is None:
         if stage_name != "pretrain":
             raise TrainingError(f"stage {stage_name} needs a checkpoint to start from (--init)")
@@ -388,7 +395,6 @@ def run_stage(
     skipped: Counter[str] = Counter()
     if rank == 0:  # every rank parsed the same files; rank 0 counts what parsing left out
         skipped.update(reason_of(message) for message in parse_skipped)
-    losses: list[float] = []
     done_this_run = 0
     pending: str | None = None  # a failed write on rank 0, reported at the next agreement
     batches, batches_epoch, last_good = None, None, None
@@ -468,7 +474,6 @@ def run_stage(
                 tokens * world / elapsed,
                 _sum_over_ranks(skipped_this_step, world),
             )
-            losses.append(metrics.loss)
             if rank == 0:
                 try:
                     with metrics_path.open("a") as f:
@@ -661,8 +666,8 @@ def full_state_dict(module, dtype, rank: int, partitioned: bool) -> dict:
     with ``deepspeed.zero.GatheredParameters``; every rank must call it."""
     import torch
 
-    def cast(t):
-        return t.detach().to("cpu", dtype, copy=True) if t.is_floating_point() else t.detach()
+    def cast(t, copy: bool = False):
+        return t.detach().to("cpu", dtype, copy=copy) if t.is_floating_point() else t.detach()
 
     gathered: dict[int, torch.Tensor] = {}
     if partitioned:
@@ -673,8 +678,8 @@ def full_state_dict(module, dtype, rank: int, partitioned: bool) -> dict:
             if not params:
                 continue
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if rank == 0:
-                    gathered.update((id(p), cast(p)) for p in params)
+                if rank == 0:  # a copy: the gathered storage is released when the block ends
+                    gathered.update((id(p), cast(p, copy=True)) for p in params)
     if rank != 0:
         return {}
     return {
@@ -694,7 +699,7 @@ def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, pe
     from moetool.recipe.load import recipe_to_dict
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    dtype = getattr(torch, PRECISION_DTYPES[getattr(recipe.stages, stage_name).precision])
+    dtype = stage_dtype(getattr(recipe.stages, stage_name))
     state_dict = full_state_dict(engine.module, dtype, rank, engine.zero_optimization_stage() == 3)
     problem = pending
     if rank == 0 and problem is None:

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-REPORT_TO = ("none", "tensorboard", "wandb")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+# Each tracker is the package of its name (the ``tracking`` extra).
+PACKAGES = ("tensorboard", "wandb")
 
 
 class TrackingError(RuntimeError):
@@ -79,14 +79,13 @@ class WandbTracker:
 
 def check_available(report_to: str) -> None:
     """Raise ``TrackingError`` (before any training starts) when the package is missing."""
-    package = PACKAGES.get(report_to)
-    if package is None:
+    if report_to not in PACKAGES:
         return
     import importlib.util
 
-    if importlib.util.find_spec(package) is None:
+    if importlib.util.find_spec(report_to) is None:
         raise TrackingError(
-            f"tracking.report_to = {report_to!r} needs the {package} package: "
+            f"tracking.report_to = {report_to!r} needs the {report_to} package: "
             "pip install 'moetool[tracking]'"
         )
 

@@ -22,6 +22,20 @@ STEPS = [
 ]
 
 
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def torchrun(*argv, **env):
+    """Two processes under torchrun (gloo); wide enough that error lines do not wrap."""
+    return subprocess.run(
+        [TORCHRUN, "--nproc_per_node", "2", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, COLUMNS="250", **env),
+    )
+
+
 def cli(*args, check=True):
     env = dict(os.environ, COLUMNS="120")
     proc = subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600)
@@ -275,17 +289,9 @@ def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
     through DeepSpeed's public GatheredParameters): both final checkpoints hold every key, full
     shapes, in the one documented dtype, the stage's precision (ZeRO-2 used to save fp32 and
     ZeRO-3 bf16)."""
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    env = dict(os.environ, COLUMNS="120")
 
     def launch(*args):
-        proc = subprocess.run(
-            [torchrun, "--nproc_per_node", "2", "-m", "moetool", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
+        proc = torchrun("-m", "moetool", *args)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout)  # only rank 0 reports
 
@@ -390,26 +396,16 @@ main()
 def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(workdir):
     cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
     (workdir / "nan_on_rank_1.py").write_text(NAN_ON_RANK_1)
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    proc = subprocess.run(
-        [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "nan_on_rank_1.py",
-            "instruct",
-            "recipe.toml",
-            "--out",
-            "run",
-            "--set",
-            "stages.instruct.max_steps=4",
-            "--set",
-            "stages.instruct.save_steps=1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, COLUMNS="200"),
+    proc = torchrun(
+        "nan_on_rank_1.py",
+        "instruct",
+        "recipe.toml",
+        "--out",
+        "run",
+        "--set",
+        "stages.instruct.max_steps=4",
+        "--set",
+        "stages.instruct.save_steps=1",
     )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -484,20 +480,10 @@ def test_full_disk_at_the_final_save_keeps_the_trained_state_for_resume(workdir)
     as a checkpoint and --resume writes from it exactly the weights the failed save held."""
     cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
     (workdir / "full_disk.py").write_text(FULL_DISK_AT_FINAL_SAVE)
-    torchrun = str(Path(sys.executable).parent / "torchrun")
     args = ["instruct", "recipe.toml", "--out", "run", "--set", "stages.instruct.max_steps=3"]
-    env = dict(os.environ, COLUMNS="250", WOULD_HAVE_SAVED=str(workdir / "lost.safetensors"))
+    lost = str(workdir / "lost.safetensors")
 
-    def launch(*argv):
-        return subprocess.run(
-            [torchrun, "--nproc_per_node", "2", *argv],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-
-    failed = launch("full_disk.py", *args)
+    failed = torchrun("full_disk.py", *args, WOULD_HAVE_SAVED=lost)
     assert failed.returncode != 0
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and errors[0] == errors[1], failed.stderr[-3000:]
@@ -509,7 +495,7 @@ def test_full_disk_at_the_final_save_keeps_the_trained_state_for_resume(workdir)
     assert [p.name for p in (workdir / "run").iterdir() if ".tmp-" in p.name] == []
     assert (workdir / "run/instruct-state/checkpoints/step-3/moetool.json").is_file()
 
-    resumed = launch("-m", "moetool", *args, "--resume", "--json")
+    resumed = torchrun("-m", "moetool", *args, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads(resumed.stdout)["steps"] == 3
     lost = load_file(workdir / "lost.safetensors")
