@@ -170,7 +170,7 @@ def main() -> None:
     from moetool.data.preprocess import Preprocessor
     from moetool.data.templates import get_template
     from moetool.models.build import llava_processor
-    from moetool.models.tokenizer import build_tokenizer
+    from moetool.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(32000, "stablelm")
     processor = llava_processor("clip", 336, 14, tokenizer)  # CLIP-L/336's image processor

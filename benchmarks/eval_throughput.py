@@ -49,10 +49,10 @@ def main() -> None:
     from PIL import Image
 
     from moetool.data.synth import SynthConfig, generate
-    from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.models.build import save_checkpoint
     from moetool.models.inference import answer, load_checkpoint
     from moetool.models.moe.config import MoEConfig
-    from moetool.models.presets import preset_recipe
+    from moetool.tiny import build_random_lvlm, preset_recipe
     from moetool.upcycle import upcycle_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="moetool-eval-bench-"))

@@ -22,11 +22,11 @@ def build(args):
     from transformers import AutoModelForImageTextToText
 
     import moetool  # noqa: F401
-    from moetool.models.build import build_random_lvlm
     from moetool.models.configuration_moe_llava import MoELlavaConfig
     from moetool.models.moe.config import MoEConfig
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
+    from moetool.tiny import build_random_lvlm
     from moetool.upcycle import plan_upcycle, upcycle_state_dict
 
     recipe = load_recipe(

@@ -70,10 +70,10 @@ class AnonymousPeak:
         return self.peak
 
 
-def worker(mode: str, checkpoint: Path) -> None:
+def worker(mode: str, checkpoint: Path, rows: Path) -> None:
     """One rank under torchrun: load the checkpoint as ``mode`` says and let DeepSpeed take the
-    model (ZeRO-3, no optimizer: the optimizer's states are the same either way); print a JSON
-    line."""
+    model (ZeRO-3, no optimizer: the optimizer's states are the same either way); write its
+    figures to ``rows/rank-N.json`` (the ranks share one stdout, where lines can interleave)."""
     import deepspeed
     import torch
     from transformers import AutoModelForImageTextToText
@@ -114,19 +114,15 @@ def worker(mode: str, checkpoint: Path) -> None:
         (p.ds_tensor if hasattr(p, "ds_tensor") else p).numel() * p.element_size() for p in params
     )
     full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-    print(
-        json.dumps(
-            {
-                "rank": rank,
-                "rss_before_bytes": rss_before,
-                "peak_rss_above_before_bytes": rss_peak - rss_before,
-                "peak_anonymous_above_before_bytes": anon_peak - anon_before,
-                "params_held_bytes": held,
-                "model_fp32_bytes": 4 * full,
-            }
-        ),
-        flush=True,
-    )
+    row = {
+        "rank": rank,
+        "rss_before_bytes": rss_before,
+        "peak_rss_above_before_bytes": rss_peak - rss_before,
+        "peak_anonymous_above_before_bytes": anon_peak - anon_before,
+        "params_held_bytes": held,
+        "model_fp32_bytes": 4 * full,
+    }
+    (rows / f"rank-{rank}.json").write_text(json.dumps(row))
     torch.distributed.barrier()
 
 
@@ -141,34 +137,37 @@ MALLOC = {
 
 def run(mode: str, checkpoint: Path, env: dict) -> list[dict]:
     torchrun = Path(sys.executable).parent / "torchrun"
-    proc = subprocess.run(
-        [
-            str(torchrun),
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            __file__,
-            "--worker",
-            mode,
-            str(checkpoint),
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, OMP_NUM_THREADS="1", **env),
-    )
-    if proc.returncode:
-        sys.exit(f"{mode} on {checkpoint.name} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return sorted(rows, key=lambda r: r["rank"])
+    with tempfile.TemporaryDirectory() as rows:
+        proc = subprocess.run(
+            [
+                str(torchrun),
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                __file__,
+                "--worker",
+                mode,
+                str(checkpoint),
+                rows,
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1", **env),
+        )
+        if proc.returncode:
+            sys.exit(f"{mode} on {checkpoint.name} failed:\n{proc.stderr[-3000:]}")
+        return [json.loads(p.read_text()) for p in sorted(Path(rows).glob("rank-*.json"))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_checkpoint_arguments(parser)
-    parser.add_argument("--worker", nargs=2, metavar=("MODE", "CHECKPOINT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("MODE", "CHECKPOINT", "ROWS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], Path(args.worker[1]))
+        worker(args.worker[0], Path(args.worker[1]), Path(args.worker[2]))
         return
     work = Path(tempfile.mkdtemp(prefix="moetool-zero3-bench-", dir=args.workdir))
     try:

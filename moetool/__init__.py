@@ -4,8 +4,9 @@ Importing moetool registers the sparse LVLM (model type ``moetool_llava``) with 
 Auto classes, so ``AutoModelForImageTextToText.from_pretrained`` loads moetool checkpoints.
 """
 
+from moetool._version import __version__
 from moetool.models.registration import install as _install_auto_classes
 
-__version__ = "0.1.0.dev0"
+__all__ = ["__version__"]
 
 _install_auto_classes()

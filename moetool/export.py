@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moetool import __version__
+from moetool._version import __version__
 from moetool.checkpoint_io import (
     SAFETENSORS_DTYPE_BYTES,
     CheckpointError,

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moetool import __version__
+from moetool._version import __version__
 from moetool.paper import TABLE8, Table8Row
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ def _exact_for_recipe(recipe: Recipe, use_cache: bool) -> ExactCount:
             pass
     from moetool.models.build import build_meta_lvlm, lvlm_config
 
-    model = build_meta_lvlm(lvlm_config(recipe))
+    model = build_meta_lvlm(lvlm_config(recipe.model, recipe.vision))
     count = count_model(model, *_moe_plan(recipe))
     if use_cache:
         try:

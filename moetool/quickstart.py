@@ -74,9 +74,9 @@ def blank_copy(synth_dir: Path, out: Path) -> None:
 
 def pope_summary(metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Mean accuracy, F1 and predicted-yes share over the three POPE splits, plus each split."""
-    from moetool.eval.runner import TASKS
+    from moetool.eval.tasks import TASKS
 
-    splits = {t: metrics[t] for t in TASKS["pope"]}
+    splits = {t: metrics[t] for t in TASKS["pope"].lmms}
     mean = {
         key: sum(m[metric] for m in splits.values()) / len(splits)
         for key, metric in (

@@ -106,10 +106,11 @@ def upcycled_checkpoint(root: Path, base: str, overrides: list[str], seed: int, 
     """A random LLaVA of the bundled ``tiny/<base>`` recipe with ``overrides`` in ``root/dense``,
     upcycled into ``root/sparse`` (``MoEConfig(**moe)`` with Drop-Upcycling, so that the experts
     differ); returns ``root/sparse``. Runs in moetool's environment."""
-    from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.models.build import save_checkpoint
     from moetool.models.moe import MoEConfig
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
+    from moetool.tiny import build_random_lvlm
     from moetool.upcycle import upcycle_checkpoint
 
     recipe = load_recipe(recipes_root() / f"tiny/{base}.toml", overrides)

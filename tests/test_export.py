@@ -12,10 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moetool.export import ExportError, choose_target, export_checkpoint
-from moetool.models.build import build_random_lvlm, save_checkpoint
+from moetool.models.build import save_checkpoint
 from moetool.models.moe import MoEConfig
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
+from moetool.tiny import build_random_lvlm
 from moetool.upcycle import upcycle_checkpoint
 
 CASES = [

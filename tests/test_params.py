@@ -92,7 +92,7 @@ def test_exact_dense_count_matches_transformers(family):
     from transformers import LlavaForConditionalGeneration
 
     recipe = load_recipe(ROOT / f"tiny/{family}.toml")
-    model = LlavaForConditionalGeneration(lvlm_config(recipe))
+    model = LlavaForConditionalGeneration(lvlm_config(recipe.model, recipe.vision))
     exact = count_model(model)
     assert exact.total_params + exact.vision + exact.projector == model.num_parameters()
     lm = model.model.language_model.num_parameters()
@@ -123,7 +123,7 @@ def test_exact_sparse_count_matches_an_instantiated_sparse_model(family):
     from transformers import LlavaForConditionalGeneration
 
     recipe = load_recipe(ROOT / f"tiny/{family}.toml", ["moe.num_experts=3", "moe.layers=[1,2]"])
-    dense = LlavaForConditionalGeneration(lvlm_config(recipe))
+    dense = LlavaForConditionalGeneration(lvlm_config(recipe.model, recipe.vision))
     report = count_recipe(recipe, use_cache=False)
     sparse = copy.deepcopy(dense)
     layers = sparse.model.language_model.layers
@@ -159,7 +159,7 @@ def test_cache_gives_identical_reports(tmp_path, monkeypatch):
 
 def test_count_config_llava_and_text_only(tmp_path):
     recipe = load_recipe(ROOT / "tiny/qwen2.toml")
-    config = lvlm_config(recipe)
+    config = lvlm_config(recipe.model, recipe.vision)
     config.save_pretrained(tmp_path / "llava")
     config.text_config.save_pretrained(tmp_path / "text")
     from_recipe = count_recipe(recipe, use_cache=False)
@@ -190,5 +190,6 @@ def test_count_config_llava_and_text_only(tmp_path):
 def test_meta_instantiation_holds_no_weights():
     from moetool.models.build import build_meta_lvlm
 
-    model = build_meta_lvlm(lvlm_config(load_recipe(ROOT / "openchat-7b/dense.toml")))
+    recipe = load_recipe(ROOT / "openchat-7b/dense.toml")
+    model = build_meta_lvlm(lvlm_config(recipe.model, recipe.vision))
     assert all(p.device == torch.device("meta") for p in model.parameters())

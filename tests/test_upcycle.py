@@ -9,10 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from moetool.models.build import build_random_lvlm, save_checkpoint
+from moetool.models.build import save_checkpoint
 from moetool.models.moe.config import MoEConfig
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
+from moetool.tiny import build_random_lvlm
 from moetool.upcycle import (
     MLP_STRUCTURES,
     UpcycleError,

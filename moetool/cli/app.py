@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from moetool import __version__
+from moetool._version import __version__
 from moetool.cli import (
     convert,
     data,

@@ -10,8 +10,6 @@ import typer
 
 from moetool.cli.render import console, fail, print_json, stdout_to_stderr, table
 
-POPE_SPLITS = {"pope_adv": "adversarial", "pope_pop": "popular", "pope_random": "random"}
-
 
 def eval_command(
     task: Annotated[str, typer.Argument(help="pope | gqa | vqav2 | mmbench | mmvet")],
@@ -35,7 +33,8 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Evaluate a checkpoint with lmms-eval's own task definitions, offline on local data."""
-    from moetool.eval.runner import POPE_PAPER_KEYS, EvalError, paper_figures, run_eval
+    from moetool.eval.runner import EvalError, paper_figures, run_eval
+    from moetool.eval.tasks import paper_reference
 
     data = data or Path("data/lmms")
     try:
@@ -67,18 +66,10 @@ def eval_command(
     rows = []
     for lmms_task, metrics in report.metrics.items():
         for metric, value in metrics.items():
-            reference = "-"
-            if paper is not None and lmms_task in POPE_SPLITS:
-                key = POPE_PAPER_KEYS[metric]
-                if key is not None:
-                    reference = f"{paper.pope[POPE_SPLITS[lmms_task]][key]:.1f}"
-            elif paper is not None:
-                key = {"gqa": "gqa", "vqav2_val": "vqav2", "mmvet": "mmvet"}.get(
-                    lmms_task, "mmbench"
-                )
-                reference = f"{paper.table3[key]:.1f}"
+            reference = paper_reference(paper, lmms_task, metric)
             scale = 1.0 if metric == "gpt_eval_score" else 100.0
-            rows.append([lmms_task, metric, f"{value * scale:.1f}", reference])
+            shown = "-" if reference is None else f"{reference:.1f}"
+            rows.append([lmms_task, metric, f"{value * scale:.1f}", shown])
     console.print(
         table(
             f"{task} on {model} ({report.samples} samples)",

@@ -323,7 +323,7 @@ def _annotation(scene: _Scene) -> dict[str, Any]:
 # --- text ----------------------------------------------------------------------------------
 
 
-def _a(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -336,11 +336,11 @@ def _listing(phrases: Sequence[str]) -> str:
 
 
 def _caption(scene: _Scene, detailed: bool) -> str:
-    phrases = [f"{_a(o.colour)} {o.name}" for o in scene.objects]
+    phrases = [f"{article(o.colour)} {o.name}" for o in scene.objects]
     if detailed:
         phrases = [f"{p} at the {o.position}" for p, o in zip(phrases, scene.objects, strict=True)]
     objects = _listing(phrases)
-    background = f"{_a(scene.background)} {scene.background} background"
+    background = f"{article(scene.background)} {scene.background} background"
     if detailed:
         return _capitalise(f"{background} with {objects}.")
     return _capitalise(f"{objects} on {background}.")
@@ -362,7 +362,7 @@ DETAILED_PROMPTS = (
 )
 
 # First phrasing of each is the one the evaluation sets use (VQAv2 and GQA spell "color").
-_TEMPLATES = {
+QUESTION_TEMPLATES = {
     "colour": ("What color is the {shape}?", "What colour is the {shape}?"),
     "shape": ("What shape is the {colour} object?", "Which shape is {colour}?"),
     "background": ("What color is the background?", "What colour is the background?"),
@@ -394,7 +394,7 @@ _TRAIN_KINDS = {
 
 
 def _say(kind: str, rng: random.Random | None, **fields: str) -> str:
-    templates = _TEMPLATES[kind]
+    templates = QUESTION_TEMPLATES[kind]
     return (templates[0] if rng is None else rng.choice(templates)).format(**fields)
 
 
@@ -446,7 +446,7 @@ def _candidates(
         names = [o.name for o in objects]
         asked = names + _negatives(scene, config, rng)
         return [
-            _QA(kind, _say(kind, phrasing, a=_a(n), name=n), "yes" if n in names else "no")
+            _QA(kind, _say(kind, phrasing, a=article(n), name=n), "yes" if n in names else "no")
             for n in asked
         ]
     raise ValueError(f"unknown question kind {kind!r}")
@@ -681,7 +681,7 @@ def _pope(
                 {
                     "question_id": len(records),
                     "image": scene.image,
-                    "question": _say("exist", None, a=_a(colour), name=name),
+                    "question": _say("exist", None, a=article(colour), name=name),
                     "answer": answer,
                     "category": category,
                     "object": name,

@@ -6,27 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Directory name under the data root -> the split names its DatasetDict must hold.
-TASK_DATA = {
-    "pope": ("pope", ("test",)),
-    "pope_adv": ("pope_full", ("adversarial",)),
-    "pope_pop": ("pope_full", ("popular",)),
-    "pope_random": ("pope_full", ("random",)),
-    "gqa": ("gqa", ("testdev",)),
-    "vqav2_val": ("vqav2", ("validation",)),
-    "mmbench_en_dev": ("mmbench_en", ("dev",)),
-    "mmbench_en_dev_static": ("mmbench_en", ("dev",)),
-    "mmvet": ("mmvet", ("test",)),
-}
-# Columns each task's lmms-eval hooks read.
-REQUIRED_COLUMNS = {
-    "pope": ("image", "question", "answer", "question_id"),
-    "gqa": ("image", "question", "answer", "imageId"),
-    "vqav2": ("image", "question", "question_id", "answers"),
-    "mmbench_en": ("image", "question", "hint", "A", "B", "C", "D", "answer", "category", "index"),
-    "mmvet": ("image", "question", "answer", "question_id", "capability"),
-}
-REQUIRED_COLUMNS["pope_full"] = REQUIRED_COLUMNS["pope"]
+from moetool.eval.tasks import LMMS_TASKS, task_overrides
 
 
 def write_eval_datasets(synth_dir: str | Path, out: str | Path) -> dict[str, int]:
@@ -197,26 +177,6 @@ def write_eval_datasets(synth_dir: str | Path, out: str | Path) -> dict[str, int
     return counts
 
 
-def task_overrides(task: str, data: str | Path, judge: bool) -> dict:
-    """What replaces a built-in lmms-eval task's settings for local data: its data source (the
-    ``save_to_disk`` folder under ``data``), GQA's image-joining hook (images are joined
-    locally; the hook would download them) and, without a ``judge``, MM-Vet's scoring (its
-    predictions are kept with score 0.0)."""
-    folder, _ = TASK_DATA[task]
-    config: dict = {
-        "task": task,
-        "dataset_path": str(Path(data) / folder),
-        "dataset_kwargs": {"load_from_disk": True},
-    }
-    if task == "gqa":
-        config["process_docs"] = None
-    if task == "mmvet" and not judge:
-        from moetool.eval.runner import mmvet_without_judge
-
-        config["process_results"] = mmvet_without_judge
-    return config
-
-
 def _yaml_value(value) -> str:
     if value is None:
         return "null"
@@ -254,7 +214,7 @@ def write_task_yamls(data: str | Path, out: str | Path, judge: bool = False) -> 
     out.mkdir(parents=True, exist_ok=True)
     skip = {"pope", "mmbench_en_dev" if not judge else "mmbench_en_dev_static"}
     written = []
-    for task in TASK_DATA:
+    for task in LMMS_TASKS:
         if task in skip:
             continue
         lines = []

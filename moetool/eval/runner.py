@@ -11,39 +11,8 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moetool.eval.datasets import REQUIRED_COLUMNS, TASK_DATA
+from moetool.eval.tasks import LMMS_TASKS, TASKS, task_overrides
 from moetool.io import UnsafeOverwriteError, check_overwrite
-
-# moetool task name -> the lmms-eval tasks it runs.
-TASKS = {
-    "pope": ("pope_adv", "pope_pop", "pope_random"),
-    "gqa": ("gqa",),
-    "vqav2": ("vqav2_val",),
-    "mmbench": ("mmbench_en_dev",),
-    "mmvet": ("mmvet",),
-}
-# lmms-eval task -> (folder of its built-in YAML, metrics we report)
-_LMMS = {
-    "pope_adv": ("pope", ("pope_accuracy", "pope_f1_score", "pope_yes_ratio")),
-    "pope_pop": ("pope", ("pope_accuracy", "pope_f1_score", "pope_yes_ratio")),
-    "pope_random": ("pope", ("pope_accuracy", "pope_f1_score", "pope_yes_ratio")),
-    "gqa": ("gqa", ("exact_match",)),
-    "vqav2_val": ("vqav2", ("exact_match",)),
-    "mmbench_en_dev": ("mmbench", ("gpt_eval_score",)),
-    "mmbench_en_dev_static": ("mmbench", ("gpt_eval_score",)),
-    "mmvet": ("mmvet", ("gpt_eval_score",)),
-}
-
-
-# lmms-eval's POPE metrics -> the key of the paper's Table 4 figure. pope_yes_ratio is the share
-# of "yes" in the ground truth and has no paper figure; the paper's "Yes" column is the share of
-# "yes" in the answers (yes_ratio_predicted).
-POPE_PAPER_KEYS = {
-    "pope_accuracy": "accuracy",
-    "pope_f1_score": "f1",
-    "yes_ratio_predicted": "yes_ratio",
-    "pope_yes_ratio": None,
-}
 
 
 class EvalError(ValueError):
@@ -60,12 +29,8 @@ class EvalReport:
 
 
 def lmms_tasks(task: str) -> tuple[str, ...]:
-    """The lmms-eval tasks behind a moetool task. Without a GPT judge, MMBench answers are
-    matched to options by rules (lmms-eval's `mmbench_en_dev_static`) instead of waiting on
-    unreachable API calls for every answer the rules cannot parse."""
-    if task == "mmbench" and not judge_configured():
-        return ("mmbench_en_dev_static",)
-    return TASKS[task]
+    """The lmms-eval tasks behind a moetool task, as configured now (with or without a judge)."""
+    return TASKS[task].lmms_tasks(judge_configured())
 
 
 def judge_configured() -> bool:
@@ -83,7 +48,8 @@ def check_data(task: str, data: Path) -> None:
     if not data.is_dir():
         raise EvalError(f"--data {data}: no such directory")
     for lmms_task in lmms_tasks(task):
-        folder, splits = TASK_DATA[lmms_task]
+        spec = LMMS_TASKS[lmms_task]
+        folder, splits = spec.data_folder, (spec.split,)
         path = data / folder
         if not path.is_dir():
             raise EvalError(
@@ -100,32 +66,15 @@ def check_data(task: str, data: Path) -> None:
                 f"{path}: expected a DatasetDict with split(s) {list(splits)}, found {found}"
             )
         for split in splits:
-            missing = [c for c in REQUIRED_COLUMNS[folder] if c not in dataset[split].column_names]
+            missing = [c for c in spec.columns if c not in dataset[split].column_names]
             if missing:
                 raise EvalError(
                     f"{path} split {split!r}: missing column(s) {missing} of the {lmms_task} schema"
                 )
 
 
-def mmvet_without_judge(doc, results):
-    """MM-Vet's per-sample record with the prediction kept and no judge score (0.0)."""
-    return {
-        "gpt_eval_score": {
-            "question_id": doc["question_id"],
-            "question": doc["question"],
-            "gt_answer": doc["answer"],
-            "capabilities": doc["capability"],
-            "pred_answer": results[0],
-            "score": 0.0,
-            "eval_model": "none",
-        }
-    }
-
-
 def task_configs(task: str, data: Path) -> list[dict]:
     """lmms-eval dict task configs: the built-in YAML with only the data source replaced."""
-    from moetool.eval.datasets import task_overrides
-
     judge = judge_configured()
     return [task_overrides(t, data, judge) for t in lmms_tasks(task)]
 
@@ -211,7 +160,7 @@ def _evaluate(
 
         lmms_model = MoeTool(pretrained=str(model), device=device, batch_size=batch_size)
     root = Path(lmms_eval.__file__).parent / "tasks"
-    folders = sorted({_LMMS[t][0] for t in lmms_tasks(task)})
+    folders = sorted({LMMS_TASKS[t].yaml_folder for t in lmms_tasks(task)})
     manager = TaskManager(
         include_path=[str(root / f) for f in folders], include_defaults=False, model_name="moetool"
     )
@@ -240,13 +189,13 @@ def _evaluate(
         metrics = {
             t: {
                 m: float(result["results"][t][f"{m},none"])
-                for m in _LMMS[t][1]
+                for m in LMMS_TASKS[t].metrics
                 if result["results"][t].get(f"{m},none") is not None
             }
             for t in lmms_tasks(task)
         }
         for lmms_task, rows in samples.items():
-            if lmms_task in TASKS["pope"] and rows:
+            if lmms_task in TASKS["pope"].lmms and rows:
                 # The paper's "Yes" (Table 4) is the share of *answers* that are yes;
                 # lmms-eval's pope_yes_ratio is the share of yes in the ground truth.
                 answers = [row["pope_accuracy"]["prediction"] for row in rows]

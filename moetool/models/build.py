@@ -13,7 +13,7 @@ from moetool.models.families import get_family
 if TYPE_CHECKING:
     from transformers import LlavaConfig, PretrainedConfig
 
-    from moetool.recipe.schema import ModelSection, Recipe, VisionSection
+    from moetool.models.arch import ModelSection, VisionSection
 
 
 def text_config(model: ModelSection) -> PretrainedConfig:
@@ -38,25 +38,24 @@ def vision_config(vision: VisionSection) -> PretrainedConfig:
     )
 
 
-def lvlm_config(recipe: Recipe, image_token_id: int | None = None) -> LlavaConfig:
+def lvlm_config(
+    model: ModelSection, vision: VisionSection, image_token_id: int | None = None
+) -> LlavaConfig:
     """LLaVA-1.5 config: vision tower, 2-layer GELU projector, the base LLM.
 
-    ``image_token_id`` defaults to the offline tokenizer's ``<image>`` id."""
+    ``image_token_id`` is the tokenizer's ``<image>`` id (LlavaConfig's default when None)."""
     from transformers import LlavaConfig
 
-    from moetool.models.tokenizer import SPECIAL_TOKENS
-
-    if image_token_id is None:
-        image_token_id = SPECIAL_TOKENS.index("<image>")
+    ids = {} if image_token_id is None else {"image_token_index": image_token_id}
     return LlavaConfig(
-        image_token_index=image_token_id,
-        vision_config=vision_config(recipe.vision),
-        text_config=text_config(recipe.model),
-        vision_feature_layer=recipe.vision.feature_layer,
+        **ids,
+        vision_config=vision_config(vision),
+        text_config=text_config(model),
+        vision_feature_layer=vision.feature_layer,
         # CLIP has a CLS token that LLaVA-1.5 drops ("default"); SigLIP has none ("full").
-        vision_feature_select_strategy="default" if recipe.vision.type == "clip" else "full",
+        vision_feature_select_strategy="default" if vision.type == "clip" else "full",
         projector_hidden_act="gelu",
-        image_seq_length=recipe.vision.image_tokens,
+        image_seq_length=vision.image_tokens,
     )
 
 
@@ -97,31 +96,9 @@ def llava_processor(
     )
 
 
-def build_processor(recipe: Recipe, tokenizer):
+def build_processor(vision: VisionSection, tokenizer):
     """LLaVA processor: the tower's image processor at the recipe's resolution + tokenizer."""
-    vision = recipe.vision
     return llava_processor(vision.type, vision.image_size, vision.patch_size, tokenizer)
-
-
-def build_random_lvlm(recipe: Recipe, seed: int = 0, template: str | None = None):
-    """A randomly initialised LVLM of the recipe's architecture with the offline tokenizer.
-
-    For tests and the built-in tiny presets: no weights are read. Returns (model, processor).
-    """
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from moetool.models.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer(recipe.model.vocab_size, template or recipe.data.template)
-    config = lvlm_config(recipe, tokenizer.convert_tokens_to_ids(tokenizer.image_token))
-    config.text_config.pad_token_id = tokenizer.pad_token_id
-    config.text_config.eos_token_id = tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval(), build_processor(recipe, tokenizer)
 
 
 def save_checkpoint(model, processor, out, overwrite: bool = False, metadata=None) -> None:
@@ -136,7 +113,7 @@ def save_checkpoint(model, processor, out, overwrite: bool = False, metadata=Non
         processor.save_pretrained(tmp)
 
 
-def build_lvlm_from_parts(recipe: Recipe, dtype=None):
+def build_lvlm_from_parts(model_section: ModelSection, vision: VisionSection, dtype=None):
     """The stage-I starting point of a real run: the base LLM from ``model.path``, the vision
     tower from ``vision.path`` (local transformers checkpoints, read with safetensors), and a
     fresh projector. The tokenizer is the base's own, with ``<image>`` added if missing.
@@ -153,18 +130,20 @@ def build_lvlm_from_parts(recipe: Recipe, dtype=None):
         LlavaForConditionalGeneration,
     )
 
-    for key, value in (("model.path", recipe.model.path), ("vision.path", recipe.vision.path)):
+    for key, value in (("model.path", model_section.path), ("vision.path", vision.path)):
         if not value or not Path(value).is_dir():
             raise FileNotFoundError(f"{key}: {value!r} is not a local checkpoint directory")
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_section.path)
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    llm = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=dtype, use_safetensors=True)
-    vision_tower = _as_vision_model(
-        AutoModel.from_pretrained(recipe.vision.path, dtype=dtype, use_safetensors=True)
+    llm = AutoModelForCausalLM.from_pretrained(
+        model_section.path, dtype=dtype, use_safetensors=True
     )
-    config = lvlm_config(recipe, image_token_id)
+    vision_tower = _as_vision_model(
+        AutoModel.from_pretrained(vision.path, dtype=dtype, use_safetensors=True)
+    )
+    config = lvlm_config(model_section, vision, image_token_id)
     config.text_config = llm.config
     config.vision_config = vision_tower.config
     with torch.device("meta"):
@@ -178,7 +157,7 @@ def build_lvlm_from_parts(recipe: Recipe, dtype=None):
         model.resize_token_embeddings(len(tokenizer))
     if dtype is not None:
         model.to(dtype)
-    return model, build_processor(recipe, tokenizer)
+    return model, build_processor(vision, tokenizer)
 
 
 def _as_vision_model(tower):

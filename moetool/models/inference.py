@@ -17,7 +17,9 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu
     import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import moetool  # noqa: F401  (registers the sparse model)
+    from moetool.models.registration import register
+
+    register()  # the sparse model type, for the Auto classes
 
     transformers.utils.logging.disable_progress_bar()  # one answer, no loading bars
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))

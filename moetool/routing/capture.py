@@ -140,7 +140,7 @@ def capture_from_eval_data(
     as the evaluation asks it: the checkpoint's chat template, its image preprocessing."""
     from datasets import load_from_disk
 
-    from moetool.eval.datasets import TASK_DATA
+    from moetool.eval.tasks import get_lmms_task
     from moetool.models.inference import (
         build_prompt,
         load_checkpoint,
@@ -148,10 +148,12 @@ def capture_from_eval_data(
         training_aspect_ratio,
     )
 
-    if task not in TASK_DATA:
-        raise ValueError(f"unknown task {task!r}; tasks with local data: {', '.join(TASK_DATA)}")
-    folder, (split,) = TASK_DATA[task]
-    path = Path(data) / folder
+    try:
+        spec = get_lmms_task(task)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    split = spec.split
+    path = Path(data) / spec.data_folder
     if not path.is_dir():
         raise ValueError(f"{path}: no such dataset directory (write it with `moetool data synth`)")
     rows = load_from_disk(str(path))[split]

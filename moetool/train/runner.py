@@ -186,8 +186,11 @@ def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: 
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    import moetool  # noqa: F401  (registers the sparse model)
-    from moetool.models.build import build_lvlm_from_parts, build_random_lvlm
+    from moetool.models.build import build_lvlm_from_parts
+    from moetool.models.registration import register
+    from moetool.tiny import build_random_lvlm
+
+    register()  # the sparse model type, for the Auto classes
 
     stage: StageSection = getattr(recipe.stages, stage_name)
     dtype = stage_dtype(stage)
@@ -195,7 +198,7 @@ def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: 
         if stage_name != "pretrain":
             raise TrainingError(f"stage {stage_name} needs a checkpoint to start from (--init)")
         if recipe.model.path:
-            return build_lvlm_from_parts(recipe, dtype=dtype)
+            return build_lvlm_from_parts(recipe.model, recipe.vision, dtype=dtype)
         model, processor = build_random_lvlm(recipe, seed=stage.seed)
         return model.to(dtype), processor
     if not (init / "config.json").is_file():
@@ -693,7 +696,7 @@ def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, pe
     the agreed error of every rank when it could not be written (nothing of it is left)."""
     import torch
 
-    from moetool import __version__
+    from moetool._version import __version__
     from moetool.data.templates import get_template
     from moetool.io import atomic_output_dir, check_free_space
     from moetool.recipe.load import recipe_to_dict

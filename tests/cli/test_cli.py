@@ -98,7 +98,8 @@ def test_param_count_config(tmp_path):
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
 
-    lvlm_config(load_recipe(recipes_root() / "tiny/phi.toml")).save_pretrained(tmp_path)
+    recipe = load_recipe(recipes_root() / "tiny/phi.toml")
+    lvlm_config(recipe.model, recipe.vision).save_pretrained(tmp_path)
     row = json.loads(
         run(
             "param-count",

@@ -18,9 +18,9 @@ from moetool.data.pipeline import (
 from moetool.data.preprocess import Preprocessor
 from moetool.data.templates import get_template
 from moetool.models.build import build_processor
-from moetool.models.tokenizer import build_tokenizer
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
+from moetool.tiny import build_tokenizer
 
 
 def text_sample(i, words=3, image=None):
@@ -102,7 +102,7 @@ def test_num_workers_really_uses_worker_processes():
 @pytest.fixture(scope="module")
 def preprocessor():
     recipe = load_recipe(recipes_root() / "tiny/qwen2.toml")
-    processor = build_processor(recipe, build_tokenizer(512, "qwen"))
+    processor = build_processor(recipe.vision, build_tokenizer(512, "qwen"))
     return Preprocessor(processor, get_template("qwen"), image_tokens=16, max_length=64)
 
 

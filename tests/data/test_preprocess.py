@@ -6,15 +6,15 @@ from moetool.data.llava_json import DataError, Sample
 from moetool.data.preprocess import IGNORE_INDEX, Preprocessor, collate, expand_to_square
 from moetool.data.templates import get_template
 from moetool.models.build import build_processor
-from moetool.models.tokenizer import build_tokenizer
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
+from moetool.tiny import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def processor():
     recipe = load_recipe(recipes_root() / "tiny/qwen2.toml")
-    return build_processor(recipe, build_tokenizer(512, "qwen"))
+    return build_processor(recipe.vision, build_tokenizer(512, "qwen"))
 
 
 @pytest.fixture

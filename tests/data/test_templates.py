@@ -85,8 +85,7 @@ def test_attached_template_is_the_one_a_reloaded_checkpoint_carries(tmp_path):
     """A later stage saves its recipe's template, not the one its processor was loaded with."""
     from transformers import AutoProcessor
 
-    from moetool.models.build import build_random_lvlm
-    from moetool.models.presets import preset_recipe
+    from moetool.tiny import build_random_lvlm, preset_recipe
 
     _, processor = build_random_lvlm(preset_recipe("tiny-qwen2"))
     get_template("qwen").attach(processor)

@@ -16,10 +16,11 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Synthetic data (with its lmms-eval datasets) and a tiny random sparse checkpoint."""
-    from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.models.build import save_checkpoint
     from moetool.models.moe.config import MoEConfig
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
+    from moetool.tiny import build_random_lvlm
     from moetool.upcycle import upcycle_checkpoint
 
     root = tmp_path_factory.mktemp("eval")

@@ -60,10 +60,10 @@ print(json.dumps({"rank": rank, **report}))
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A dense tiny LLaVA checkpoint and its upcycled sparse one."""
-    from moetool.models.build import build_random_lvlm
     from moetool.models.moe import MoEConfig
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
+    from moetool.tiny import build_random_lvlm
     from moetool.upcycle import upcycle_checkpoint
 
     root = tmp_path_factory.mktemp("partitioned")

@@ -9,7 +9,7 @@ import pytest
 
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import bundled_recipes, recipes_root
-from moetool.recipe.smoke import smoke_recipe
+from moetool.tiny import smoke_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +17,7 @@ DRIVER = """
 import json, sys
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
-from moetool.recipe.smoke import smoke_recipe
+from moetool.tiny import smoke_recipe
 from moetool.train.runner import run_stage
 
 data_root, run_root = sys.argv[1], sys.argv[2]

@@ -56,8 +56,8 @@ def changed(before: dict, after: dict) -> set:
 
 
 def test_three_stages_train_the_right_parameters(workdir, library_chatter):
-    from moetool.models.build import build_random_lvlm
     from moetool.recipe import load_recipe
+    from moetool.tiny import build_random_lvlm
 
     summaries = {}
     for stage, command in (

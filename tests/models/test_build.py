@@ -1,16 +1,10 @@
 import pytest
 import torch
 
-from moetool.models.build import (
-    build_lvlm_from_parts,
-    build_random_lvlm,
-    lvlm_config,
-    save_checkpoint,
-)
-from moetool.models.presets import PRESETS, preset_recipe
-from moetool.models.tokenizer import IMAGE_TOKEN, build_tokenizer
+from moetool.models.build import build_lvlm_from_parts, lvlm_config, save_checkpoint
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
+from moetool.tiny import IMAGE_TOKEN, PRESETS, build_random_lvlm, build_tokenizer, preset_recipe
 
 
 def test_presets_resolve_to_recipes():
@@ -58,7 +52,7 @@ def test_random_lvlm_processor_expands_image_tokens(tmp_path):
 
 def test_siglip_tower_has_no_cls_token():
     recipe = load_recipe(recipes_root() / "phi2-2.7b/moe-4x-top2-384.toml")
-    config = lvlm_config(recipe)
+    config = lvlm_config(recipe.model, recipe.vision)
     assert config.vision_config.model_type == "siglip_vision_model"
     assert config.vision_feature_select_strategy == "full"
     assert config.image_seq_length == 729
@@ -76,12 +70,12 @@ def test_build_from_local_parts(tmp_path):
     tower = CLIPVisionModel(reference.config.vision_config)
     tower.save_pretrained(tmp_path / "clip")
     with pytest.raises(FileNotFoundError, match="model.path"):
-        build_lvlm_from_parts(recipe)
+        build_lvlm_from_parts(recipe.model, recipe.vision)
     recipe = load_recipe(
         recipes_root() / "tiny/llama.toml",
         [f'model.path="{tmp_path / "llm"}"', f'vision.path="{tmp_path / "clip"}"'],
     )
-    model, processor = build_lvlm_from_parts(recipe)
+    model, processor = build_lvlm_from_parts(recipe.model, recipe.vision)
     torch.testing.assert_close(
         model.model.language_model.layers[1].mlp.up_proj.weight,
         llm.model.layers[1].mlp.up_proj.weight,

@@ -3,9 +3,8 @@
 import torch
 from PIL import Image
 
-from moetool.models.build import build_random_lvlm
 from moetool.models.inference import answer
-from moetool.models.presets import preset_recipe
+from moetool.tiny import build_random_lvlm, preset_recipe
 
 
 def test_answer_passes_generate_kwargs_on():

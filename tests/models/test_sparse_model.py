@@ -7,12 +7,13 @@ import torch
 
 import moetool  # noqa: F401  (registers the sparse model with the Auto classes)
 from moetool.models import modeling_moe_llava as modeling
-from moetool.models.build import build_random_lvlm, save_checkpoint
+from moetool.models.build import save_checkpoint
 from moetool.models.modeling_moe_llava import decoder_layers
 from moetool.models.moe import router_losses
 from moetool.models.moe.config import MoEConfig
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
+from moetool.tiny import build_random_lvlm
 from moetool.train.runner import enable_activation_checkpointing
 from moetool.upcycle import upcycle_checkpoint
 

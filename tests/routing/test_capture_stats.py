@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import moetool  # noqa: F401
-from moetool.models.build import build_random_lvlm, save_checkpoint
+from moetool.models.build import save_checkpoint
 from moetool.models.moe.config import MoEConfig
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
 from moetool.routing.capture import RoutingCapture, capture_routing
 from moetool.routing.stats import balance, expert_load, modality_share, top_pathways
+from moetool.tiny import build_random_lvlm
 from moetool.upcycle import upcycle_checkpoint
 
 LAYERS = [1, 2]

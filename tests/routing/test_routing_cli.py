@@ -18,10 +18,11 @@ def run(*args):
 
 @pytest.mark.integration
 def test_capture_stats_plot(tmp_path):
-    from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.models.build import save_checkpoint
     from moetool.models.moe.config import MoEConfig
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
+    from moetool.tiny import build_random_lvlm
     from moetool.upcycle import upcycle_checkpoint
 
     assert (

@@ -61,10 +61,11 @@ def test_global_batch_without_a_process_group_is_the_micro_batch():
 def test_the_model_passes_its_balance_scope_to_the_loss(monkeypatch, tmp_path):
     """A sparse model with balance_scope = "global-batch" all-reduces its counts (another rank
     stood in by a patched all-reduce); the default does not."""
-    from moetool.models.build import build_random_lvlm, save_checkpoint
+    from moetool.models.build import save_checkpoint
     from moetool.models.moe.config import MoEConfig
     from moetool.recipe import load_recipe
     from moetool.recipe.paths import recipes_root
+    from moetool.tiny import build_random_lvlm
     from moetool.upcycle import upcycle_checkpoint
 
     model, processor = build_random_lvlm(load_recipe(recipes_root() / "tiny/llama.toml"), seed=0)

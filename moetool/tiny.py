@@ -1,13 +1,20 @@
-"""An offline tokenizer: byte-level BPE trained at run time on the project's own text.
+"""The built-in tiny world, for tests, CI, the quickstart and the benchmarks: an offline
+tokenizer, named presets, random LVLMs and the smoke form of a recipe. Real runs need none of it:
+they read the base model's own tokenizer and weights from ``model.path``.
 
 No tokenizer can be downloaded here or in CI, so tiny models get one built deterministically
 from a fixed corpus (the words of the synthetic shapes world, chat-template words and common
-English). Real runs use the base model's own tokenizer from ``model.path``.
+English).
 """
 
 from __future__ import annotations
 
 import functools
+
+from moetool.models.build import build_processor, lvlm_config
+from moetool.recipe.load import load_recipe, recipe_from_dict, recipe_to_dict
+from moetool.recipe.paths import recipes_root
+from moetool.recipe.schema import Recipe
 
 # Specials shared by every family; each template picks its BOS/EOS among them.
 SPECIAL_TOKENS = (
@@ -66,11 +73,11 @@ def _project_phrases() -> list[str]:
     prompts.append(synth.LETTER_ANSWER)
     colours, shapes = list(synth.PALETTE), list(synth.SHAPES)
     questions = []
-    for i, templates in enumerate(synth._TEMPLATES.values()):
+    for i, templates in enumerate(synth.QUESTION_TEMPLATES.values()):
         for j, template in enumerate(templates):
             colour, shape = colours[(i + j) % len(colours)], shapes[(i + 2 * j) % len(shapes)]
             name = f"{colour} {shape}"
-            fields = {"a": synth._a(colour), "name": name, "colour": colour, "shape": shape}
+            fields = {"a": synth.article(colour), "name": name, "colour": colour, "shape": shape}
             questions.append(template.format(plural=shape + "s", **fields))
     answers = [w.capitalize() for w in (*colours, *shapes, *synth.POSITIONS, "yes", "no")]
     # Whole prompts as each template renders them (role words, separators, line breaks).
@@ -124,3 +131,96 @@ def build_tokenizer(vocab_size: int, template: str = "plain"):
         padding_side="left",
     )
     return tokenizer
+
+
+PRESETS: dict[str, str] = {
+    # The paper's bases (Tables 1 and 8), CLIP-L/336 tower.
+    "stablelm-1.6b": "stablelm-1.6b/dense",
+    "qwen-1.8b": "qwen-1.8b/dense",
+    "phi2-2.7b": "phi2-2.7b/dense",
+    "openchat-7b": "openchat-7b/dense",
+    # Tiny random models of real transformers families (hidden 64, 4 layers), for tests.
+    "tiny-llama": "tiny/llama",
+    "tiny-mistral": "tiny/mistral",
+    "tiny-qwen2": "tiny/qwen2",
+    "tiny-qwen3": "tiny/qwen3",
+    "tiny-phi": "tiny/phi",
+    "tiny-stablelm": "tiny/stablelm",
+    "tiny-gemma2": "tiny/gemma2",
+}
+
+
+def preset_recipe(name: str):
+    """The recipe behind a preset name; unknown names list the valid ones."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return load_recipe(recipes_root() / f"{PRESETS[name]}.toml")
+
+
+def build_random_lvlm(recipe: Recipe, seed: int = 0, template: str | None = None):
+    """A randomly initialised LVLM of the recipe's architecture with the offline tokenizer.
+
+    No weights are read. Returns (model, processor).
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer(recipe.model.vocab_size, template or recipe.data.template)
+    image_token_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    config = lvlm_config(recipe.model, recipe.vision, image_token_id)
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), build_processor(recipe.vision, tokenizer)
+
+
+# The smoke form of a recipe: the same stages, trainable parts, schedules, ZeRO settings, MoE
+# layout and templates, at tiny dims with a few steps on synthetic data, so that CI runs every
+# bundled recipe's stage logic on a CPU.
+# Config kwargs that do not depend on model size are kept; size-bound ones are replaced.
+_SIZE_BOUND_EXTRA = ("max_position_embeddings", "head_dim", "sliding_window")
+_STAGE_DATA = {"pretrain": "stage1.json", "instruct": "stage2.json", "moe_tune": "stage3.json"}
+
+
+def smoke_recipe(recipe: Recipe, data_root: str, max_steps: int = 2) -> Recipe:
+    """The tiny version of ``recipe`` reading the synthetic data in ``data_root``."""
+    data = recipe_to_dict(recipe)
+    model = data["model"]
+    grouped = model["num_kv_heads"] < model["num_heads"]
+    extra = {k: v for k, v in model.get("extra", {}).items() if k not in _SIZE_BOUND_EXTRA}
+    extra["max_position_embeddings"] = 1024
+    model.update(
+        vocab_size=512,
+        hidden_size=64,
+        num_layers=4,
+        ffn_hidden_size=128,
+        num_heads=4,
+        num_kv_heads=2 if grouped else 4,
+        path="",
+        extra=extra,
+    )
+    data["vision"].update(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_layers=2,
+        intermediate_size=64,
+        num_heads=2,
+        path="",
+    )
+    data["data"].update(root=data_root, image_folder=data_root)
+    for name, stage in data["stages"].items():
+        stage.update(
+            data=[_STAGE_DATA[name]] * len(stage["data"]),
+            max_steps=max_steps,
+            per_device_batch_size=1,
+            global_batch_size=2,
+            max_length=256,
+            gradient_checkpointing=stage["gradient_checkpointing"],
+            save_steps=0,
+        )
+    data["name"] = f"{recipe.name} (smoke)"
+    return recipe_from_dict(data, f"smoke form of {recipe.name}")
