@@ -80,7 +80,7 @@ def worker(mode: str, checkpoint: Path, rows: Path) -> None:
 
     import moetool  # noqa: F401
     from moetool.recipe.schema import StageSection
-    from moetool.train.runner import deepspeed_config, partitioned_loading
+    from moetool.train.engine import deepspeed_config, partitioned_loading
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -1,1 +1,2 @@
-"""Model families, presets and (later) the sparse LVLM."""
+"""The LVLM: model families, the architecture sections, builders, the sparse model and its MoE
+block, inference and Auto-class registration."""

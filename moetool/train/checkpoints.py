@@ -16,6 +16,11 @@ import re
 import shutil
 from pathlib import Path
 
+from moetool.io import describe_write_error
+from moetool.recipe.schema import StageSection
+from moetool.train.engine import TrainingError, full_state_dict, stage_dtype
+from moetool.train.ranks import failures_on_any_rank
+
 MARKER = "moetool.json"
 _TAG = re.compile(r"^step-(\d+)$")
 # Recipe keys that change how a run is saved or reported, not what it computes.
@@ -124,3 +129,127 @@ def truncate_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+# --- writing and resuming (DeepSpeed, every rank) ------------------------------------------
+
+
+def resume_point(root: Path, run: dict) -> tuple[int, Path] | None:
+    """The newest complete checkpoint under ``root`` if it belongs to ``run``; None when there
+    is none at all (the stage starts from the beginning)."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        partial = checkpoint_dirs(root)
+        if partial:
+            names = ", ".join(p.name for _, p in partial)
+            raise TrainingError(
+                f"--resume: no complete checkpoint in {root} ({names} were not finished, or were "
+                "written by a moetool without checkpoint fingerprints); pass --overwrite without "
+                "--resume to start the stage again"
+            )
+        return None
+    step, path = complete[-1]
+    saved = read_marker(path).get("fingerprint", {})
+    changed = differences(saved, run)
+    if changed:
+        raise TrainingError(
+            f"--resume: the checkpoint {path} belongs to another run of this stage; it differs "
+            f"in {'; '.join(changed[:6])}{' …' if len(changed) > 6 else ''}. Resume with what it "
+            "was trained with, or pass --overwrite without --resume to start again"
+        )
+    return step, path
+
+
+def save_checkpoint(
+    engine, root: Path, step: int, run: dict, keep: int, pending: str | None = None
+) -> str | None:
+    """DeepSpeed checkpoint ``step-N``; complete (marked) once every rank has written its part;
+    older ones beyond ``keep`` removed. A write that fails on any rank (a full disk, a read-only
+    folder) is returned on every rank as one message, and the unfinished ``step-N`` removed;
+    ``pending`` is an earlier failure of rank 0 that must stop the ranks here too."""
+    import torch
+
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    target = root / f"step-{step}"
+    problem = None
+    if rank == 0:  # DeepSpeed creates the folder on rank 0 before its first collective
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            problem = f"could not write checkpoint {target}: {describe_write_error(err)}"
+    failed = failures_on_any_rank(problem or pending, rank, world)
+    if failed:
+        return failed
+    try:
+        engine.save_checkpoint(str(root), tag=target.name, client_state={"step": step})
+    except Exception as err:
+        problem = f"could not write checkpoint {target}: {describe_write_error(err)}"
+        # DeepSpeed's save ends in a barrier that the other ranks wait in: meet them there.
+        torch.distributed.barrier()
+    failed = failures_on_any_rank(problem, rank, world)
+    if rank == 0:
+        if failed:
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            mark_complete(target, run, step)
+            prune(root, keep)
+    torch.distributed.barrier()
+    return failed
+
+
+def keep_trained_state(engine, root: Path, step: int, run: dict, stage: StageSection) -> str:
+    """After a failed final write: save the trained state as checkpoint ``step-N`` (from which
+    ``--resume`` writes the final checkpoint without training again) and say where it is; if that
+    fails too, name the last good checkpoint."""
+    if any(saved == step for saved, _ in complete_checkpoints(root)):
+        failed = None  # a resumed run that failed to write again: its checkpoint is still there
+    else:
+        failed = save_checkpoint(engine, root, step, run, stage.save_total_limit)
+    if not failed:
+        return (
+            f"the trained state (step {step}) is kept in {root / f'step-{step}'}: run the same "
+            "command with --resume to write the final checkpoint from it"
+        )
+    return f"keeping the trained state failed too ({failed}); " + last_good_checkpoint(root)
+
+
+def last_good_checkpoint(root: Path) -> str:
+    """Where a failed stage can resume from, in words."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return "no checkpoint was saved (set save_steps to keep some)"
+    return f"the last good checkpoint is {complete[-1][1]} (--resume continues from it)"
+
+
+def save_final(engine, model, processor, recipe, stage_name, out, overwrite, pending=None):
+    """The final HF checkpoint, written by rank 0 into a temporary folder and renamed; returns
+    the agreed error of every rank when it could not be written (nothing of it is left)."""
+    import torch
+
+    from moetool._version import __version__
+    from moetool.data.templates import get_template
+    from moetool.io import atomic_output_dir, check_free_space
+    from moetool.recipe.load import recipe_to_dict
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    dtype = stage_dtype(getattr(recipe.stages, stage_name))
+    state_dict = full_state_dict(engine.module, dtype, rank, engine.zero_optimization_stage() == 3)
+    problem = pending
+    if rank == 0 and problem is None:
+        try:
+            check_free_space(out.parent, sum(t.nbytes for t in state_dict.values()))
+            model.config.use_cache = True
+            model.config.moetool = {
+                "version": __version__,
+                "stage": stage_name,
+                "recipe": recipe_to_dict(recipe),
+            }
+            get_template(recipe.data.template).attach(processor)
+            with atomic_output_dir(out, overwrite) as tmp:
+                model.save_pretrained(tmp, state_dict=state_dict)
+                processor.save_pretrained(tmp)
+        except Exception as err:  # the disk, a quota, permissions: say so on every rank
+            problem = f"could not write the final checkpoint {out}: {describe_write_error(err)}"
+    del state_dict
+    return failures_on_any_rank(problem, rank, world)

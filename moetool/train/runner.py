@@ -7,43 +7,48 @@ decides. Loss = LM loss + alpha * aux loss (Eq. 7), computed by the sparse model
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import socket
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from moetool.io import describe_write_error, held_output, inputs_inside
 from moetool.recipe.load import recipe_to_dict
 from moetool.recipe.schema import Recipe, StageSection
 from moetool.train import checkpoints
+from moetool.train.checkpoints import (
+    keep_trained_state,
+    last_good_checkpoint,
+    resume_point,
+    save_checkpoint,
+    save_final,
+)
+from moetool.train.engine import (
+    TrainingError,
+    deepspeed_config,
+    enable_activation_checkpointing,
+    lr_lambda,
+    partitioned_loading,
+    stage_dtype,
+)
+from moetool.train.ranks import (
+    ensure_distributed_env,
+    failures_on_any_rank,
+    gather_counts,
+    sum_over_ranks,
+)
 from moetool.train.tracking import NoTracker, TrackingError, check_available, open_tracker
 
+__all__ = ["StageResult", "StepMetrics", "TrainingError", "run_stage"]
+
 STAGE_INPUTS = {"pretrain": (), "instruct": ("pretrain",), "moe_tune": ("instruct", "pretrain")}
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-def enable_activation_checkpointing(model, reentrant: bool = False) -> None:
-    """Activation (gradient) checkpointing of every decoder layer (non-reentrant unless asked),
-    through transformers' ``activation_checkpointing_enable`` where it exists; the older name,
-    ``gradient_checkpointing_enable``, warns that it goes in transformers v6. The sparse model
-    gives the same loss and gradients either way."""
-    kwargs = {"use_reentrant": reentrant}
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        enable(activation_checkpointing_kwargs=kwargs)
 
 
 @dataclass(frozen=True)
@@ -82,101 +87,12 @@ class StepMetrics:
         return out
 
 
-def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warmup to the peak, then cosine or linear decay to 0, or constant."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant" or total_steps <= warmup_steps:
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _ensure_distributed_env() -> None:
-    """A single process without a launcher still runs as a one-rank world."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        {
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-    )
-
-
-def deepspeed_config(stage: StageSection, world_size: int) -> dict:
-    per_step = stage.per_device_batch_size * world_size
-    if stage.global_batch_size % per_step:
-        raise TrainingError(
-            f"global_batch_size {stage.global_batch_size} is not a multiple of per-device batch "
-            f"{stage.per_device_batch_size} x world size {world_size}"
-        )
-    zero: dict = {"stage": stage.zero_stage}
-    if stage.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    return {
-        "train_batch_size": stage.global_batch_size,
-        "train_micro_batch_size_per_gpu": stage.per_device_batch_size,
-        "gradient_accumulation_steps": stage.global_batch_size // per_step,
-        "gradient_clipping": stage.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": stage.precision == "bf16"},
-        "fp16": {"enabled": stage.precision == "fp16"},
-        "zero_force_ds_cpu_optimizer": False,  # our torch AdamW also runs on offloaded states
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
 def default_init(run_dir: Path, stage: str, recipe: Recipe) -> Path | None:
     """The checkpoint a stage starts from: the previous stage's output in the same run."""
     for previous in STAGE_INPUTS[stage]:
         if getattr(recipe.stages, previous) is not None:
             return run_dir / previous
     return None
-
-
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def stage_dtype(stage: StageSection):
-    """The torch dtype of the stage's ``precision``: what it loads and saves in."""
-    import torch
-
-    return getattr(torch, PRECISION_DTYPES[stage.precision])
-
-
-@contextlib.contextmanager
-def partitioned_loading(ds_config: dict) -> Iterator[None]:
-    """Under ZeRO-3, models that ``from_pretrained`` builds in the block are created partitioned
-    over the ranks (transformers' DeepSpeed integration: ``HfDeepSpeedConfig`` makes it use
-    ``deepspeed.zero.Init``; only rank 0 reads the weights), so no rank ever holds the whole
-    model. The setting is process-wide in transformers: it is undone when the block ends (a
-    quickstart runs every stage in one process)."""
-    if ds_config["zero_optimization"]["stage"] != 3:
-        yield
-        return
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-    held = HfDeepSpeedConfig(ds_config)  # transformers keeps a weak reference: hold it
-    try:
-        yield
-    finally:
-        del held
-        unset_hf_deepspeed_config()
 
 
 def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: Path):
@@ -227,26 +143,36 @@ def _load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: 
     return model, AutoProcessor.from_pretrained(init)
 
 
-def run_stage(
+@dataclass(frozen=True)
+class _StagePlan:
+    """What a stage reads and writes, checked before any process starts work."""
+
+    stage: StageSection
+    run_dir: Path
+    out: Path  # the final HF checkpoint
+    state: Path  # DeepSpeed checkpoints, metrics.jsonl
+    init: Path | None
+    data_files: list[Path]
+    image_folder: Path
+    run: dict  # the run's fingerprint (checkpoints.fingerprint)
+    resume_from: tuple[int, Path] | None
+
+
+def _plan_stage(
     recipe: Recipe,
     stage_name: str,
-    run_dir: str | Path,
-    init: str | Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    recipe_dir: str | Path = ".",
-    on_step: Callable[[StepMetrics], None] | None = None,
-    stop_after: int | None = None,
-) -> StageResult:
-    """Train one stage of ``recipe``; writes ``run_dir/<stage>`` (HF checkpoint) and
-    ``run_dir/<stage>-state`` (DeepSpeed checkpoints, metrics.jsonl).
-
-    ``stop_after`` ends the process's work after that many optimizer steps without writing the
-    final checkpoint (a deliberate interruption, for resume tests)."""
+    run_dir: Path,
+    init: str | Path | None,
+    resume: bool,
+    overwrite: bool,
+    recipe_dir: str | Path,
+) -> _StagePlan:
+    """The stage's inputs and outputs; a ``TrainingError`` for a missing section, input or data
+    file, an output that would overwrite an earlier run or hold an input, an unavailable
+    tracker, or a ``--resume`` that does not match its checkpoint."""
     stage: StageSection | None = getattr(recipe.stages, stage_name)
     if stage is None:
         raise TrainingError(f"the recipe has no [stages.{stage_name}] section")
-    run_dir = Path(run_dir)
     out = run_dir / stage_name
     state = run_dir / f"{stage_name}-state"
     if out.exists() and not overwrite:
@@ -287,9 +213,30 @@ def run_stage(
         raise TrainingError(f"stage {stage_name}: no such data file {', '.join(missing)}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     run = checkpoints.fingerprint(recipe_to_dict(recipe), stage_name, data_files, world_size, init)
-    resume_from = _resume_point(state / "checkpoints", run) if resume else None
+    resume_from = resume_point(state / "checkpoints", run) if resume else None
+    return _StagePlan(stage, run_dir, out, state, init, data_files, image_folder, run, resume_from)
 
-    _ensure_distributed_env()
+
+def run_stage(
+    recipe: Recipe,
+    stage_name: str,
+    run_dir: str | Path,
+    init: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    recipe_dir: str | Path = ".",
+    on_step: Callable[[StepMetrics], None] | None = None,
+    stop_after: int | None = None,
+) -> StageResult:
+    """Train one stage of ``recipe``; writes ``run_dir/<stage>`` (HF checkpoint) and
+    ``run_dir/<stage>-state`` (DeepSpeed checkpoints, metrics.jsonl).
+
+    ``stop_after`` ends the process's work after that many optimizer steps without writing the
+    final checkpoint (a deliberate interruption, for resume tests)."""
+    plan = _plan_stage(recipe, stage_name, Path(run_dir), init, resume, overwrite, recipe_dir)
+    stage, out, state, run_dir = plan.stage, plan.out, plan.state, plan.run_dir
+
+    ensure_distributed_env()
     import deepspeed
     import torch
 
@@ -308,7 +255,9 @@ def run_stage(
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     ds_config = deepspeed_config(stage, world)
     torch.manual_seed(stage.seed)
-    samples, parse_skipped = load_llava_json(data_files, image_folder, recipe.data.skip_bad_samples)
+    samples, parse_skipped = load_llava_json(
+        plan.data_files, plan.image_folder, recipe.data.skip_bad_samples
+    )
     if not samples:
         raise TrainingError(f"stage {stage_name}: no training samples in {list(stage.data)}")
     created = not state.exists()
@@ -320,7 +269,7 @@ def run_stage(
     torch.distributed.barrier()
     with partitioned_loading(ds_config):
         try:
-            model, processor = _load_start_model(recipe, stage_name, init, state)
+            model, processor = _load_start_model(recipe, stage_name, plan.init, state)
         except BaseException:
             if rank == 0 and created:  # a failed start leaves no state directory behind
                 shutil.rmtree(state, ignore_errors=True)
@@ -365,8 +314,8 @@ def run_stage(
 
     step = 0
     metrics_path = state / "metrics.jsonl"
-    if resume_from is not None:
-        resumed, path = resume_from
+    if plan.resume_from is not None:
+        resumed, path = plan.resume_from
         loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name)
         if loaded is None or int(client["step"]) != resumed:
             raise TrainingError(f"--resume: DeepSpeed could not load the checkpoint {path}")
@@ -411,6 +360,13 @@ def run_stage(
             recipe_to_dict(recipe),
             first_step=step + 1,
         )
+
+    def fail(message: str) -> NoReturn:
+        """Every rank stops here with the same message, naming where to resume from."""
+        raise TrainingError(
+            f"stage {stage_name}: {message}; " + last_good_checkpoint(state / "checkpoints")
+        )
+
     try:
         engine.train()
         while step < total_steps:
@@ -419,63 +375,22 @@ def run_stage(
                 sampler.set_epoch(epoch, within * micro_steps)
                 batches, batches_epoch = iter(loader), epoch
             started = time.perf_counter()
-            tokens = 0
-            sums = {"loss": 0.0, "lm": 0.0, "aux": 0.0}
-            skipped_this_step = 0
-            for _ in range(micro_steps):
-                batch, bad = next(batches)
-                problem, weight = None, 1.0
-                if bad and not skip_bad:
-                    problem = bad[0].message
-                elif bad:
-                    skipped.update(b.reason for b in bad)
-                    skipped_this_step += len(bad)
-                    if batch is None:  # nothing left: a zero-weight pass keeps the ranks in step
-                        if last_good is None:
-                            problem = (
-                                f"every sample of a micro-batch is bad ({bad[0].message}), and no "
-                                "good one came before it"
-                            )
-                        batch, weight = last_good, 0.0
-                # every rank stops together (a bad sample here, a failed metrics write on rank 0)
-                failed = _failures_on_any_rank(problem or pending, rank, world)
-                if failed:
-                    raise TrainingError(
-                        f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
-                    )
-                if weight:
-                    last_good = batch
-                    tokens += int(batch["attention_mask"].sum())
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                outputs = engine(**batch)
-                loss = outputs.loss
-                bad_loss = None if torch.isfinite(loss) else f"non-finite loss ({loss.item()})"
-                failed = _failures_on_any_rank(bad_loss, rank, world)
-                if failed:
-                    raise TrainingError(
-                        f"stage {stage_name}: {failed} at step {step + 1}; "
-                        + _last_good(state / "checkpoints")
-                    )
-                engine.backward(loss * weight if weight != 1.0 else loss)
-                engine.step()
-                sums["loss"] += weight * loss.item() / micro_steps
-                lm = getattr(outputs, "lm_loss", None)
-                sums["lm"] += weight * (lm if lm is not None else loss).item() / micro_steps
-                aux = getattr(outputs, "aux_loss", None)
-                if aux is not None:
-                    sums["aux"] += weight * aux.item() / aux_layers / micro_steps
+            totals, last_good = _optimizer_step(
+                engine, batches, micro_steps, aux_layers, skip_bad, skipped, last_good,
+                pending, rank, world, fail, step + 1,
+            )  # fmt: skip
             step += 1
             done_this_run += 1
             elapsed = time.perf_counter() - started
             metrics = StepMetrics(
                 step,
                 total_steps,
-                sums["loss"],
-                sums["lm"],
-                sums["aux"] if aux_layers else None,
+                totals.loss,
+                totals.lm_loss,
+                totals.aux_loss if aux_layers else None,
                 scheduler.get_last_lr()[0],
-                tokens * world / elapsed,
-                _sum_over_ranks(skipped_this_step, world),
+                totals.tokens * world / elapsed,
+                sum_over_ranks(totals.skipped, world),
             )
             if rank == 0:
                 try:
@@ -495,230 +410,97 @@ def run_stage(
             if on_step is not None and rank == 0:
                 on_step(metrics)
             if stage.save_steps and step % stage.save_steps == 0 and step < total_steps:
-                failed = _save_checkpoint(
-                    engine, state / "checkpoints", step, run, stage.save_total_limit, pending
+                failed = save_checkpoint(
+                    engine, state / "checkpoints", step, plan.run, stage.save_total_limit, pending
                 )
                 if failed:
-                    raise TrainingError(
-                        f"stage {stage_name}: {failed}; " + _last_good(state / "checkpoints")
-                    )
+                    fail(failed)
             if stop_after is not None and done_this_run >= stop_after:
                 break
         else:
-            failed = _save_final(
+            failed = save_final(
                 engine, model, processor, recipe, stage_name, out, overwrite, pending
             )
             if failed:
                 raise TrainingError(
                     f"stage {stage_name}: {failed}; "
-                    + _keep_trained_state(engine, state / "checkpoints", step, run, stage)
+                    + keep_trained_state(engine, state / "checkpoints", step, plan.run, stage)
                 )
     finally:
         tracker.close()
 
-    skipped = _gather_counts(skipped, world)
+    skipped = gather_counts(skipped, world)
     torch.distributed.barrier()  # every rank returns after rank 0 has written its files
     return StageResult(
         stage_name, out, step, *_first_last(metrics_path), metrics_path, dict(skipped)
     )
 
 
-def _resume_point(root: Path, run: dict) -> tuple[int, Path] | None:
-    """The newest complete checkpoint under ``root`` if it belongs to ``run``; None when there
-    is none at all (the stage starts from the beginning)."""
-    complete = checkpoints.complete_checkpoints(root)
-    if not complete:
-        partial = checkpoints.checkpoint_dirs(root)
-        if partial:
-            names = ", ".join(p.name for _, p in partial)
-            raise TrainingError(
-                f"--resume: no complete checkpoint in {root} ({names} were not finished, or were "
-                "written by a moetool without checkpoint fingerprints); pass --overwrite without "
-                "--resume to start the stage again"
-            )
-        return None
-    step, path = complete[-1]
-    saved = checkpoints.read_marker(path).get("fingerprint", {})
-    changed = checkpoints.differences(saved, run)
-    if changed:
-        raise TrainingError(
-            f"--resume: the checkpoint {path} belongs to another run of this stage; it differs "
-            f"in {'; '.join(changed[:6])}{' …' if len(changed) > 6 else ''}. Resume with what it "
-            "was trained with, or pass --overwrite without --resume to start again"
-        )
-    return step, path
+@dataclass
+class _StepTotals:
+    """One optimizer step's means over its micro-batches (skipped ones weigh 0)."""
+
+    loss: float = 0.0
+    lm_loss: float = 0.0
+    aux_loss: float = 0.0  # per MoE layer
+    tokens: int = 0
+    skipped: int = 0  # bad samples skipped on this rank
 
 
-def _save_checkpoint(
-    engine, root: Path, step: int, run: dict, keep: int, pending: str | None = None
-) -> str | None:
-    """DeepSpeed checkpoint ``step-N``; complete (marked) once every rank has written its part;
-    older ones beyond ``keep`` removed. A write that fails on any rank (a full disk, a read-only
-    folder) is returned on every rank as one message, and the unfinished ``step-N`` removed;
-    ``pending`` is an earlier failure of rank 0 that must stop the ranks here too."""
+def _optimizer_step(
+    engine, batches, micro_steps, aux_layers, skip_bad, skipped, last_good, pending, rank, world,
+    fail, step,
+):  # fmt: skip
+    """One optimizer step over ``micro_steps`` micro-batches (DeepSpeed accumulates them).
+
+    A bad sample stops every rank (``fail``) unless ``skip_bad``: then it is counted in
+    ``skipped`` and a micro-batch with no good sample left is a zero-weight pass over
+    ``last_good`` (the last good micro-batch), which keeps the ranks' collectives in step. A
+    failure pending on rank 0 or a non-finite loss on any rank stops every rank too. Returns the
+    step's totals and the new ``last_good``."""
     import torch
 
-    rank = torch.distributed.get_rank()
-    world = torch.distributed.get_world_size()
-    target = root / f"step-{step}"
-    problem = None
-    if rank == 0:  # DeepSpeed creates the folder on rank 0 before its first collective
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            problem = f"could not write checkpoint {target}: {describe_write_error(err)}"
-    failed = _failures_on_any_rank(problem or pending, rank, world)
-    if failed:
-        return failed
-    try:
-        engine.save_checkpoint(str(root), tag=target.name, client_state={"step": step})
-    except Exception as err:
-        problem = f"could not write checkpoint {target}: {describe_write_error(err)}"
-        # DeepSpeed's save ends in a barrier that the other ranks wait in: meet them there.
-        torch.distributed.barrier()
-    failed = _failures_on_any_rank(problem, rank, world)
-    if rank == 0:
+    totals = _StepTotals()
+    for _ in range(micro_steps):
+        batch, bad = next(batches)
+        problem, weight = None, 1.0
+        if bad and not skip_bad:
+            problem = bad[0].message
+        elif bad:
+            skipped.update(b.reason for b in bad)
+            totals.skipped += len(bad)
+            if batch is None:  # nothing left: a zero-weight pass keeps the ranks in step
+                if last_good is None:
+                    problem = (
+                        f"every sample of a micro-batch is bad ({bad[0].message}), and no good "
+                        "one came before it"
+                    )
+                batch, weight = last_good, 0.0
+        # every rank stops together (a bad sample here, a failed metrics write on rank 0)
+        failed = failures_on_any_rank(problem or pending, rank, world)
         if failed:
-            shutil.rmtree(target, ignore_errors=True)
-        else:
-            checkpoints.mark_complete(target, run, step)
-            checkpoints.prune(root, keep)
-    torch.distributed.barrier()
-    return failed
-
-
-def _keep_trained_state(engine, root: Path, step: int, run: dict, stage: StageSection) -> str:
-    """After a failed final write: save the trained state as checkpoint ``step-N`` (from which
-    ``--resume`` writes the final checkpoint without training again) and say where it is; if that
-    fails too, name the last good checkpoint."""
-    if any(saved == step for saved, _ in checkpoints.complete_checkpoints(root)):
-        failed = None  # a resumed run that failed to write again: its checkpoint is still there
-    else:
-        failed = _save_checkpoint(engine, root, step, run, stage.save_total_limit)
-    if not failed:
-        return (
-            f"the trained state (step {step}) is kept in {root / f'step-{step}'}: run the same "
-            "command with --resume to write the final checkpoint from it"
-        )
-    return f"keeping the trained state failed too ({failed}); " + _last_good(root)
-
-
-def _last_good(root: Path) -> str:
-    complete = checkpoints.complete_checkpoints(root)
-    if not complete:
-        return "no checkpoint was saved (set save_steps to keep some)"
-    return f"the last good checkpoint is {complete[-1][1]} (--resume continues from it)"
-
-
-def _collective_device():
-    """Where a tensor for a collective must live: NCCL reduces only CUDA tensors, gloo CPU
-    ones."""
-    import torch
-
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _failures_on_any_rank(message: str | None, rank: int, world: int) -> str | None:
-    """Every rank learns whether any rank failed, and the same message: the failed ranks'
-    messages, named by rank. One small all-reduce when nothing failed."""
-    import torch
-
-    if world == 1:
-        return message
-    flags = torch.zeros(world, device=_collective_device())
-    flags[rank] = message is not None
-    torch.distributed.all_reduce(flags)
-    if not flags.any():
-        return None
-    messages: list = [None] * world
-    torch.distributed.all_gather_object(messages, message)
-    return "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
-
-
-def _sum_over_ranks(count: int, world: int) -> int:
-    import torch
-
-    if world == 1:
-        return count
-    total = torch.tensor([count], dtype=torch.long, device=_collective_device())
-    torch.distributed.all_reduce(total)
-    return int(total.item())
-
-
-def _gather_counts(counts: Counter, world: int) -> Counter:
-    """Every rank's counts, summed (once, at the end of the stage)."""
-    import torch
-
-    if world == 1:
-        return counts
-    every: list = [None] * world
-    torch.distributed.all_gather_object(every, dict(counts))
-    return sum((Counter(c) for c in every), Counter())
+            fail(failed)
+        if weight:
+            last_good = batch
+            totals.tokens += int(batch["attention_mask"].sum())
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        outputs = engine(**batch)
+        loss = outputs.loss
+        bad_loss = None if torch.isfinite(loss) else f"non-finite loss ({loss.item()})"
+        failed = failures_on_any_rank(bad_loss, rank, world)
+        if failed:
+            fail(f"{failed} at step {step}")
+        engine.backward(loss * weight if weight != 1.0 else loss)
+        engine.step()
+        totals.loss += weight * loss.item() / micro_steps
+        lm = getattr(outputs, "lm_loss", None)
+        totals.lm_loss += weight * (lm if lm is not None else loss).item() / micro_steps
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is not None:
+            totals.aux_loss += weight * aux.item() / aux_layers / micro_steps
+    return totals, last_good
 
 
 def _first_last(metrics_path: Path) -> tuple[float, float]:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     return (rows[0]["loss"], rows[-1]["loss"]) if rows else (math.nan, math.nan)
-
-
-def full_state_dict(module, dtype, rank: int, partitioned: bool) -> dict:
-    """``module``'s whole state on rank 0 (an empty dict elsewhere), floating-point tensors in
-    ``dtype``. Under ZeRO-3 (``partitioned``) the weights are gathered one submodule at a time
-    with ``deepspeed.zero.GatheredParameters``; every rank must call it."""
-    import torch
-
-    def cast(t, copy: bool = False):
-        return t.detach().to("cpu", dtype, copy=copy) if t.is_floating_point() else t.detach()
-
-    gathered: dict[int, torch.Tensor] = {}
-    if partitioned:
-        import deepspeed
-
-        for sub in module.modules():
-            params = list(sub.parameters(recurse=False))
-            if not params:
-                continue
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                if rank == 0:  # a copy: the gathered storage is released when the block ends
-                    gathered.update((id(p), cast(p, copy=True)) for p in params)
-    if rank != 0:
-        return {}
-    return {
-        k: gathered[id(v)] if id(v) in gathered else cast(v)
-        for k, v in module.state_dict(keep_vars=True).items()
-    }
-
-
-def _save_final(engine, model, processor, recipe, stage_name, out, overwrite, pending=None):
-    """The final HF checkpoint, written by rank 0 into a temporary folder and renamed; returns
-    the agreed error of every rank when it could not be written (nothing of it is left)."""
-    import torch
-
-    from moetool._version import __version__
-    from moetool.data.templates import get_template
-    from moetool.io import atomic_output_dir, check_free_space
-    from moetool.recipe.load import recipe_to_dict
-
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    dtype = stage_dtype(getattr(recipe.stages, stage_name))
-    state_dict = full_state_dict(engine.module, dtype, rank, engine.zero_optimization_stage() == 3)
-    problem = pending
-    if rank == 0 and problem is None:
-        try:
-            check_free_space(out.parent, sum(t.nbytes for t in state_dict.values()))
-            model.config.use_cache = True
-            model.config.moetool = {
-                "version": __version__,
-                "stage": stage_name,
-                "recipe": recipe_to_dict(recipe),
-            }
-            get_template(recipe.data.template).attach(processor)
-            with atomic_output_dir(out, overwrite) as tmp:
-                model.save_pretrained(tmp, state_dict=state_dict)
-                processor.save_pretrained(tmp)
-        except Exception as err:  # the disk, a quota, permissions: say so on every rank
-            problem = f"could not write the final checkpoint {out}: {describe_write_error(err)}"
-    del state_dict
-    return _failures_on_any_rank(problem, rank, world)

@@ -19,12 +19,11 @@ import deepspeed, torch
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from moetool.recipe import load_recipe
-from moetool.train.runner import (
-    _ensure_distributed_env, _load_start_model, deepspeed_config, full_state_dict,
-    partitioned_loading,
-)
+from moetool.train.engine import deepspeed_config, full_state_dict, partitioned_loading
+from moetool.train.ranks import ensure_distributed_env
+from moetool.train.runner import _load_start_model
 
-_ensure_distributed_env()
+ensure_distributed_env()
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 rank = torch.distributed.get_rank()
 checkpoint, precision, zero = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])

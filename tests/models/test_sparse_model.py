@@ -14,7 +14,7 @@ from moetool.models.moe.config import MoEConfig
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
 from moetool.tiny import build_random_lvlm
-from moetool.train.runner import enable_activation_checkpointing
+from moetool.train.engine import enable_activation_checkpointing
 from moetool.upcycle import upcycle_checkpoint
 
 FAMILIES = ["phi", "stablelm", "qwen2", "llama", "mistral", "qwen3", "gemma2"]
