@@ -120,10 +120,12 @@ def count_model(
     layers the sparse model turns into ``num_experts`` copies of the FFN plus a bias-free router
     (hidden -> experts); activated counts keep ``top_k`` experts per MoE layer, routers included.
     """
+    from moetool.models.families import decoder_names
     from moetool.models.parts import layer_child_part
 
     seen: set[int] = set()
     hidden_size = model.config.get_text_config().hidden_size
+    family = decoder_names(model.config.get_text_config().model_type)
     inner = getattr(model, "model", model)
     vision_tower = getattr(inner, "vision_tower", None)
     projector = getattr(inner, "multi_modal_projector", None)
@@ -136,7 +138,7 @@ def count_model(
     for index, layer in enumerate(layers):
         for child_name, child in layer.named_children():
             count = _numel(child, seen)
-            component = layer_child_part(child_name, child)
+            component = layer_child_part(child_name, family)
             if component == "ffn" and index in moe_layers:
                 total["experts"] += num_experts * count
                 activated["experts"] += top_k * count

@@ -20,6 +20,11 @@ class Family:
     tie_embeddings: bool | str = "tie_word_embeddings"
     kv_heads_key: str | None = "num_key_value_heads"
     defaults: dict = field(default_factory=dict)  # config kwargs every instance of ours gets
+    # Exact attribute names in the transformers decoder (stage policies and parameter counts):
+    # each decoder layer's attention and norms, and the language model's final norm.
+    attention: str = "self_attn"
+    layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
+    final_norm: str = "norm"
 
     def config_kwargs(self, model) -> dict:
         """transformers config kwargs for a recipe's ``ModelSection``."""
@@ -61,9 +66,26 @@ def known_families() -> list[str]:
     return sorted(_FAMILIES)
 
 
+# transformers' usual decoder names, for counting a config whose model_type is no family of ours.
+TRANSFORMERS_DEFAULT = Family("", ffn_linears=3)
+
+
+def decoder_names(model_type: str) -> Family:
+    """The family of ``model_type``, or transformers' usual decoder names for other types."""
+    return get_family(model_type, missing_ok=True) or TRANSFORMERS_DEFAULT
+
+
 for _family in (
     # Phi-2: fc1/fc2 with biases, LayerNorm with bias, untied head with bias.
-    Family("phi", ffn_linears=2, attention_bias=True, mlp_bias=True, tie_embeddings=False),
+    Family(
+        "phi",
+        ffn_linears=2,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_embeddings=False,
+        layer_norms=("input_layernorm",),  # attention and MLP in parallel after one norm
+        final_norm="final_layernorm",
+    ),
     # StableLM-2: gated FFN without bias, optional qkv bias, LayerNorm.
     Family("stablelm", ffn_linears=3, attention_bias="use_qkv_bias"),
     # Qwen2 (and Qwen-1, which has the same parameters): qkv bias always on.
@@ -72,6 +94,17 @@ for _family in (
     Family("llama", ffn_linears=3, attention_bias="attention_bias", mlp_bias="mlp_bias"),
     # Mistral (OpenChat-3.5 is a Mistral-7B fine-tune).
     Family("mistral", ffn_linears=3),
-    Family("gemma2", ffn_linears=3, attention_bias="attention_bias", tie_embeddings=True),
+    Family(
+        "gemma2",
+        ffn_linears=3,
+        attention_bias="attention_bias",
+        tie_embeddings=True,
+        layer_norms=(
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ),
+    ),
 ):
     register_family(_family)

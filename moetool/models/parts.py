@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from moetool.models.families import Family, decoder_names
+
 # Fine-grained parts; recipe names such as "llm" and "ffn" are unions of these.
 PART_UNIONS = {
     "llm": (
@@ -20,14 +22,15 @@ PART_UNIONS = {
 }
 
 
-def layer_child_part(name: str, child: nn.Module) -> str:
-    """The part a decoder layer's child module belongs to: "ffn" (the ``mlp``), "norms",
-    "attention" or "other". Shared by the stage policies and the parameter counts."""
+def layer_child_part(name: str, family: Family) -> str:
+    """The part a decoder layer's child ``name`` belongs to: "ffn" (the ``mlp``), "norms",
+    "attention" or "other", by the family's exact attribute names. Shared by the stage policies
+    and the parameter counts."""
     if name == "mlp":
         return "ffn"
-    if "Norm" in type(child).__name__:
+    if name in family.layer_norms:
         return "norms"
-    if "Attention" in type(child).__name__ or "attn" in name:
+    if name == family.attention:
         return "attention"
     return "other"
 
@@ -39,6 +42,7 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
     from moetool.models.moe import MoEBlock
 
     inner = model.model
+    family = decoder_names(model.config.get_text_config().model_type)
     owner: dict[int, str] = {}
 
     def claim(module: nn.Module, part: str) -> None:
@@ -52,13 +56,10 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
             if isinstance(child, MoEBlock):
                 claim(child.router, "routers")
                 claim(child.experts, "experts")
-            elif (part := layer_child_part(name, child)) != "other":
+            elif (part := layer_child_part(name, family)) != "other":
                 claim(child, part)
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            claim(module, "embeddings")
-        elif "Norm" in type(module).__name__:
-            claim(module, "norms")
+    claim(inner.language_model.get_input_embeddings(), "embeddings")
+    claim(getattr(inner.language_model, family.final_norm), "norms")
     claim(model.lm_head, "lm_head")
     claim(inner.language_model, "llm_other")
     return {name: owner[id(p)] for name, p in model.named_parameters()}
