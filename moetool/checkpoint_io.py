@@ -1,6 +1,8 @@
 """Safetensors checkpoints read and written tensor by tensor, without holding a model: the
 header index of a checkpoint directory (where each tensor's bytes are), a writer whose header is
-known in advance, sharding with an index, and byte-range copies done by the kernel. Shared by
+known in advance, sharding with an index (huggingface_hub's splitter), and byte-range copies
+done by the kernel (why the header is read here: ``safetensors.safe_open`` does not give a
+tensor's byte offsets). Shared by
 ``upcycle``, ``convert`` and ``export``."""
 
 from __future__ import annotations
@@ -157,44 +159,30 @@ def write_safetensors(
                 )
 
 
-def split_shards(specs: Iterable[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
-
-
 def write_sharded_safetensors(
     directory: Path,
     specs: Iterable[TensorSpec],
     write_tensor: Callable[[TensorSpec, object], None],
     max_shard_bytes: int = 5 * 1024**3,
 ) -> list[str]:
-    """``model.safetensors``, or numbered shards of at most ``max_shard_bytes`` plus
-    ``model.safetensors.index.json``, in ``directory``; returns the file names."""
-    specs = list(specs)
-    shards = split_shards(specs, max_shard_bytes)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    """``model.safetensors``, or shards of at most ``max_shard_bytes`` (a larger tensor alone in
+    its own) plus ``model.safetensors.index.json``, in ``directory``, split as
+    ``save_pretrained`` splits (huggingface_hub's splitter); returns the file names."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    by_name = {spec.name: spec for spec in specs}
+    split = split_state_dict_into_shards_factory(
+        by_name,
+        get_storage_size=lambda spec: spec.nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_bytes,
     )
-    for name, shard in zip(names, shards, strict=True):
-        write_safetensors(directory / name, shard, write_tensor)
-    if len(shards) > 1:
-        weight_map = {
-            spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard
-        }
-        total = sum(spec.nbytes for spec in specs)
-        (directory / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        )
-    return names
+    for name, tensors in split.filename_to_tensors.items():
+        write_safetensors(directory / name, [by_name[t] for t in tensors], write_tensor)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return list(split.filename_to_tensors)
 
 
 def tensor_bytes(tensor) -> memoryview:
