@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +32,7 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Evaluate a checkpoint with lmms-eval's own task definitions, offline on local data."""
-    from moetool.eval.runner import EvalError, paper_figures, run_eval
+    from moetool.eval.runner import EvalError, run_eval
     from moetool.eval.tasks import paper_reference
 
     data = data or Path("data/lmms")
@@ -62,7 +61,7 @@ def eval_command(
             }
         )
         return
-    paper = paper_figures(json.loads((model / "config.json").read_text()))
+    paper = report.paper
     rows = []
     for lmms_task, metrics in report.metrics.items():
         for metric, value in metrics.items():

@@ -48,20 +48,13 @@ def capture(
 ) -> None:
     """Record every token's experts, weights and modality in every MoE layer."""
     from moetool.data.llava_json import DataError
-    from moetool.io import OutputExistsError, atomic_output_dir, check_overwrite
-    from moetool.routing.capture import capture_from_eval_data, capture_from_llava_json
+    from moetool.io import OutputExistsError
+    from moetool.routing.capture import capture_to_dir
 
-    if task is not None and len(data) != 1:
-        fail("--task reads one --data directory (the one `moetool eval --data` reads)")
-    inputs = [model, *data, image_folder if task is None else None]
     try:
-        check_overwrite(out, inputs)  # before the model runs
-        if task is not None:
-            result = capture_from_eval_data(model, task, data[0], limit, batch_size)
-        else:
-            result = capture_from_llava_json(model, data, image_folder, limit, batch_size, template)
-        with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
-            result.save(tmp)
+        result = capture_to_dir(
+            model, data, out, task, image_folder, limit, batch_size, template, overwrite
+        )
     except (ValueError, DataError, OutputExistsError, OSError) as err:
         fail(str(err))
     console.print(
@@ -80,37 +73,16 @@ def stats(
 ) -> None:
     """Expert load per layer, balance (CV, entropy), modality shares and top pathways."""
     from moetool.routing.capture import RoutingCapture
-    from moetool.routing.stats import balance, expert_load, modality_share, top_pathways
+    from moetool.routing.stats import balance, expert_load, summary
 
     try:
         cap = RoutingCapture.load(capture_dir)
     except (OSError, ValueError) as err:
         fail(f"{capture_dir}: not a routing capture ({err})")
-    load, bal = expert_load(cap), balance(cap)
-    share = modality_share(cap)
-    paths = {m: top_pathways(cap, m) for m in ("text", "image")}
     if as_json:
-        print_json(
-            {
-                "num_experts": cap.num_experts,
-                "top_k": cap.top_k,
-                "layers": cap.layers,
-                "load_top1": {str(k): v for k, v in load.fillna(0).T.to_dict("list").items()},
-                "balance": {str(k): v for k, v in bal.T.to_dict().items()},
-                "image_share": {
-                    f"{layer}/{expert}": v
-                    for (layer, expert), v in share["image"].fillna(0).items()
-                },
-                "top_pathways": {
-                    m: [
-                        {"pathway": list(map(int, r.pathway)), "share": r.share}
-                        for r in p.itertuples()
-                    ]
-                    for m, p in paths.items()
-                },
-            }
-        )
+        print_json(summary(cap))
         return
+    load, bal = expert_load(cap), balance(cap)
     rows = [
         [str(layer)]
         + [f"{v:.3f}" for v in load.loc[layer].fillna(0)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from moetool.eval.tasks import LMMS_TASKS, TASKS, task_overrides
 from moetool.io import UnsafeOverwriteError, check_overwrite
+from moetool.paper import BenchmarkFigures
 
 
 class EvalError(ValueError):
@@ -26,6 +27,8 @@ class EvalReport:
     samples: int
     out: Path
     notes: list[str] = field(default_factory=list)
+    # The paper's Table 3/4 row of the recipe the checkpoint was trained from (None: no row).
+    paper: BenchmarkFigures | None = None
 
 
 def lmms_tasks(task: str) -> tuple[str, ...]:
@@ -208,7 +211,9 @@ def _evaluate(
                 for metric, value in values.items():
                     writer.writerow([lmms_task, metric, value])
     count = sum(len(rows) for rows in samples.values())
-    return EvalReport(task, metrics, count, out, notes)
+    config = Path(model) / "config.json"
+    paper = paper_figures(json.loads(config.read_text())) if config.is_file() else None
+    return EvalReport(task, metrics, count, out, notes, paper)
 
 
 def paper_figures(checkpoint_config: dict):

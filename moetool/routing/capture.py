@@ -174,3 +174,32 @@ def capture_from_eval_data(
             dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
         )
     return capture_routing(model, batches)
+
+
+def capture_to_dir(
+    model: str | Path,
+    data: list[str | Path],
+    out: str | Path,
+    task: str | None = None,
+    image_folder: str | Path = ".",
+    limit: int | None = None,
+    batch_size: int = 4,
+    template: str | None = None,
+    overwrite: bool = False,
+) -> RoutingCapture:
+    """``moetool routing capture``: capture over LLaVA-JSON ``data`` (or, with ``task``, the one
+    evaluation data directory in ``data``) and save it into ``out`` atomically. ``out`` is
+    checked before the model runs, and may not hold any input."""
+    from moetool.io import atomic_output_dir, check_overwrite
+
+    if task is not None and len(data) != 1:
+        raise ValueError("--task reads one --data directory (the one `moetool eval --data` reads)")
+    inputs = [model, *data, image_folder if task is None else None]
+    check_overwrite(out, inputs)
+    if task is not None:
+        result = capture_from_eval_data(model, task, data[0], limit, batch_size)
+    else:
+        result = capture_from_llava_json(model, data, image_folder, limit, batch_size, template)
+    with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
+        result.save(tmp)
+    return result

@@ -64,3 +64,25 @@ def top_pathways(capture: RoutingCapture, modality: str | None = None, n: int = 
     out = pd.DataFrame({"pathway": counts.index[:n], "tokens": counts.to_numpy()[:n]})
     out["share"] = out["tokens"] / max(1, len(tuples))
     return out
+
+
+def summary(capture: RoutingCapture) -> dict:
+    """``moetool routing stats --json``: top-1 load per layer, balance, image share per
+    (layer, expert) and the top pathways of each modality, as plain JSON values."""
+    load, bal = expert_load(capture), balance(capture)
+    share = modality_share(capture)
+    paths = {m: top_pathways(capture, m) for m in ("text", "image")}
+    return {
+        "num_experts": capture.num_experts,
+        "top_k": capture.top_k,
+        "layers": capture.layers,
+        "load_top1": {str(k): v for k, v in load.fillna(0).T.to_dict("list").items()},
+        "balance": {str(k): v for k, v in bal.T.to_dict().items()},
+        "image_share": {
+            f"{layer}/{expert}": v for (layer, expert), v in share["image"].fillna(0).items()
+        },
+        "top_pathways": {
+            m: [{"pathway": list(map(int, r.pathway)), "share": r.share} for r in p.itertuples()]
+            for m, p in paths.items()
+        },
+    }
