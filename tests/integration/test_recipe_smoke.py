@@ -9,7 +9,6 @@ import pytest
 
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import bundled_recipes, recipes_root
-from moetool.tiny import smoke_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -30,28 +29,6 @@ for name in sys.argv[3:]:
         report[name][stage] = [result.steps, result.loss_first, result.loss_last]
 print("REPORT " + json.dumps(report))
 """
-
-
-def test_smoke_form_keeps_the_stage_logic():
-    original = load_recipe(recipes_root() / "openchat-7b/moe-4x-top2.toml")
-    smoke = smoke_recipe(original, "/data")
-    assert smoke.model.model_type == "mistral" and smoke.model.num_kv_heads < smoke.model.num_heads
-    assert smoke.moe == original.moe
-    for name, stage in original.stages.present().items():
-        small = getattr(smoke.stages, name)
-        for key in (
-            "trainable",
-            "lr",
-            "lr_schedule",
-            "warmup_ratio",
-            "zero_stage",
-            "offload_optimizer",
-            "precision",
-            "template",
-            "image_aspect_ratio",
-        ):
-            assert getattr(small, key) == getattr(stage, key), (name, key)
-        assert len(small.data) == len(stage.data) and small.max_steps == 2
 
 
 def test_every_bundled_recipe_runs_in_smoke_form(tmp_path):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_convert import official_checkpoint  # tests/ is on sys.path (rootdir conftest)
+from test_convert import official_checkpoint  # tests/convert/ is on sys.path (prepend mode)
 
 BIN = Path(sys.executable).parent / "moetool"
 
