@@ -7,7 +7,7 @@ default; see benchmarks/upcycle.py):
 - ``whole-fp32``: what moetool did before: every rank loads the whole model in fp32, and
   DeepSpeed partitions it only in ``deepspeed.initialize``;
 - ``partitioned-bf16``: what a bf16 ZeRO-3 stage does now (``moetool.train.runner``'s
-  ``partitioned_loading`` and ``_load_start_model``'s dtype): the model is built partitioned by
+  ``partitioned_loading`` and ``load_start_model``'s dtype): the model is built partitioned by
   ``deepspeed.zero.Init`` and loaded in bf16.
 
 Each is run from an fp32 and from a bf16 checkpoint file (the output of a bf16 stage is bf16),

@@ -21,7 +21,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from moetool.recipe import load_recipe
 from moetool.train.engine import deepspeed_config, full_state_dict, partitioned_loading
 from moetool.train.ranks import ensure_distributed_env
-from moetool.train.runner import _load_start_model
+from moetool.train.start import load_start_model
 
 ensure_distributed_env()
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -31,7 +31,7 @@ recipe = load_recipe("recipe.toml", [f"stages.instruct.precision={precision}",
                                      f"stages.instruct.zero_stage={zero}"])
 stage = recipe.stages.instruct
 with partitioned_loading(deepspeed_config(stage, 2)):
-    model, _ = _load_start_model(recipe, "instruct", checkpoint, Path("."))
+    model, _ = load_start_model(recipe, "instruct", checkpoint, Path("."))
 left_on = is_deepspeed_zero3_enabled()
 params = list(model.parameters())
 report = {

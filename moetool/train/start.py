@@ -1,0 +1,70 @@
+"""A stage's starting point: the checkpoint it starts from by default, and the model it loads
+from there (the parts of a real base, a random tiny model, or the previous stage's checkpoint,
+upcycled on the fly for stage III), in the stage's precision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moetool.recipe.schema import Recipe, StageSection
+from moetool.train.engine import TrainingError, stage_dtype
+
+# The stages a stage starts from by default, nearest first.
+STAGE_INPUTS = {"pretrain": (), "instruct": ("pretrain",), "moe_tune": ("instruct", "pretrain")}
+
+
+def default_init(run_dir: Path, stage: str, recipe: Recipe) -> Path | None:
+    """The checkpoint a stage starts from: the previous stage's output in the same run."""
+    for previous in STAGE_INPUTS[stage]:
+        if getattr(recipe.stages, previous) is not None:
+            return run_dir / previous
+    return None
+
+
+def load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: Path):
+    """The stage's starting model and processor, in the stage's precision (a bf16 stage never
+    materialises fp32 weights); partitioned when called under ``partitioned_loading``."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from moetool.models.build import build_lvlm_from_parts
+    from moetool.models.registration import register
+    from moetool.tiny import build_random_lvlm
+
+    register()  # the sparse model type, for the Auto classes
+
+    stage: StageSection = getattr(recipe.stages, stage_name)
+    dtype = stage_dtype(stage)
+    if init is None:
+        if stage_name != "pretrain":
+            raise TrainingError(f"stage {stage_name} needs a checkpoint to start from (--init)")
+        if recipe.model.path:
+            return build_lvlm_from_parts(recipe.model, recipe.vision, dtype=dtype)
+        model, processor = build_random_lvlm(recipe, seed=stage.seed)
+        return model.to(dtype), processor
+    if not (init / "config.json").is_file():
+        raise TrainingError(f"--init {init}: not a checkpoint directory (no config.json)")
+    config = json.loads((init / "config.json").read_text())
+    sparse = config.get("model_type") == "moetool_llava"
+    if stage_name == "moe_tune" and recipe.moe is not None and not sparse:
+        # Upcycle on the fly from the recipe's [moe] section (exact copies of the FFNs).
+        from moetool.upcycle import upcycle_checkpoint
+
+        target = work / "upcycled"
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank == 0:  # one process writes, the others wait for it
+            upcycle_checkpoint(init, target, recipe.moe, seed=stage.seed, overwrite=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        init = target
+    model = AutoModelForImageTextToText.from_pretrained(init, dtype=dtype)
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions and is_deepspeed_zero3_enabled():
+        # transformers (5.24)'s ZeRO-3 load keeps every key renaming it tried, where its whole-
+        # model load keeps only those that matched; save_pretrained reverses them all and would
+        # write doubled prefixes (language_model.model.model.*). Keep the used ones, as the
+        # whole-model load does (the ZeRO-3 training test compares the saved key names).
+        model._weight_conversions = [c for c in conversions if c.was_used()]
+    return model, AutoProcessor.from_pretrained(init)
