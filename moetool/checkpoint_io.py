@@ -164,10 +164,12 @@ def write_sharded_safetensors(
     specs: Iterable[TensorSpec],
     write_tensor: Callable[[TensorSpec, object], None],
     max_shard_bytes: int = 5 * 1024**3,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """``model.safetensors``, or shards of at most ``max_shard_bytes`` (a larger tensor alone in
     its own) plus ``model.safetensors.index.json``, in ``directory``, split as
-    ``save_pretrained`` splits (huggingface_hub's splitter); returns the file names."""
+    ``save_pretrained`` splits (huggingface_hub's splitter); returns the file names.
+    ``progress(bytes_written, bytes_total)`` is called after each tensor."""
     from huggingface_hub import split_state_dict_into_shards_factory
 
     by_name = {spec.name: spec for spec in specs}
@@ -177,8 +179,18 @@ def write_sharded_safetensors(
         filename_pattern="model{suffix}.safetensors",
         max_shard_size=max_shard_bytes,
     )
+    total = sum(spec.nbytes for spec in by_name.values())
+    written = 0
+
+    def write_and_count(spec: TensorSpec, f) -> None:
+        nonlocal written
+        write_tensor(spec, f)
+        written += spec.nbytes
+        if progress:
+            progress(written, total)
+
     for name, tensors in split.filename_to_tensors.items():
-        write_safetensors(directory / name, [by_name[t] for t in tensors], write_tensor)
+        write_safetensors(directory / name, [by_name[t] for t in tensors], write_and_count)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -321,23 +321,17 @@ def export_checkpoint(
     except (CheckpointError, ValueError) as err:
         raise ExportError(f"{src}: {err}") from None
     plan = plan_export(config, entries, target)
-    total = sum(t.nbytes for t in plan.tensors)
-    written = 0
     sources = SourceFiles()
 
     def write_tensor(spec: ExportTensor, f) -> None:
-        nonlocal written
         if spec.source is None:
             f.write(bytes(spec.nbytes))  # zeros in every dtype
         else:
             sources.copy(f, entries[spec.source])
-        written += spec.nbytes
-        if progress:
-            progress(written, total)
 
     try:
         with atomic_output_dir(out, overwrite, inputs=[src]) as tmp:
-            write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes)
+            write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes, progress)
             (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
             copy_side_files(src, tmp)
     except UnsafeOverwriteError as err:

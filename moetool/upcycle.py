@@ -308,8 +308,6 @@ def upcycle_checkpoint(
         raise UpcycleError(str(err)) from None
     plan = plan_upcycle(entries, text["num_hidden_layers"], text["hidden_size"], moe, seed)
 
-    total = sum(spec.nbytes for spec in plan.tensors)
-    written = 0
     sources = SourceFiles()
     handles: dict[Path, object] = {}
     dense_cache: dict = {}  # one dense FFN tensor while its experts are made (Drop-Upcycling)
@@ -326,7 +324,6 @@ def upcycle_checkpoint(
         return dense_cache[name]
 
     def write_tensor(spec: OutputTensor, f) -> None:
-        nonlocal written
         exact_copy = spec.kind == "copy" or (
             spec.kind == "expert"
             and (plan.moe.drop_upcycling == 0 or spec.role not in ("in", "out"))
@@ -338,13 +335,10 @@ def upcycle_checkpoint(
         else:
             tensor = make_expert_tensor(plan, spec, source_tensor(spec.source))
             f.write(tensor_bytes(tensor))
-        written += spec.nbytes
-        if progress:
-            progress(written, total)
 
     try:
         with atomic_output_dir(out, overwrite, inputs=[src]) as tmp:
-            write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes)
+            write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes, progress)
             sparse_config = dict(config)
             sparse_config["model_type"] = "moetool_llava"
             sparse_config["architectures"] = ["MoELlavaForConditionalGeneration"]

@@ -71,3 +71,20 @@ def test_header_offsets_address_each_tensors_bytes(tmp_path):
         for name in ("y", "x"):
             files.copy(f, entries[name])
     assert out.read_bytes() == bytes(tensor_bytes(state["y"])) + bytes(tensor_bytes(state["x"]))
+
+
+def test_progress_counts_every_tensors_bytes_in_write_order(tmp_path):
+    state = tensors()
+    specs = [Spec(k, "F32", tuple(v.shape), v.numel() * 4) for k, v in state.items()]
+    calls = []
+    write_sharded_safetensors(
+        tmp_path,
+        specs,
+        lambda spec, f: f.write(tensor_bytes(state[spec.name])),
+        2000,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    total = sum(s.nbytes for s in specs)
+    assert len(calls) == len(specs) and all(t == total for _, t in calls)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == total and done[0] > 0

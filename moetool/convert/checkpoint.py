@@ -18,7 +18,7 @@ from moetool.convert.config import (
     text_config_kwargs,
     vision_config_for,
 )
-from moetool.convert.plan import ConversionPlan, ConvertedTensor, expected_tensors, plan_conversion
+from moetool.convert.plan import ConversionPlan, expected_tensors, plan_conversion
 from moetool.convert.processor import build_converted_processor, prepare_tokenizer
 from moetool.convert.source import SourceCheckpoint
 from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
@@ -132,18 +132,8 @@ def convert_checkpoint(
             config.vision_feature_select_strategy,
             vision_dir if vision_dir is not None and vision_dir.is_dir() else None,
         )
-        total = sum(t.nbytes for t in plan.tensors)
-        written = 0
-
-        def write_tensor(spec: ConvertedTensor, f) -> None:
-            nonlocal written
-            source.write(spec, f)
-            written += spec.nbytes
-            if progress:
-                progress(written, total)
-
         with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
-            write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes)
+            write_sharded_safetensors(tmp, plan.tensors, source.write, max_shard_bytes, progress)
             config.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             GenerationConfig(

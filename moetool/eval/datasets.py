@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moetool.eval.tasks import LMMS_TASKS, task_overrides
+from moetool.eval.tasks import LMMS_TASKS, TASKS, task_overrides
 
 
 def write_eval_datasets(synth_dir: str | Path, out: str | Path) -> dict[str, int]:
@@ -212,11 +212,10 @@ def write_task_yamls(data: str | Path, out: str | Path, judge: bool = False) -> 
     ``API_TYPE=dummy`` so that lmms-eval imports the task without credentials)."""
     data, out = Path(data).resolve(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    skip = {"pope", "mmbench_en_dev" if not judge else "mmbench_en_dev_static"}
+    # The lmms-eval tasks that `moetool eval` runs with (or without) a judge, in table order.
+    run = {name for spec in TASKS.values() for name in spec.lmms_tasks(judge)}
     written = []
-    for task in LMMS_TASKS:
-        if task in skip:
-            continue
+    for task in (name for name in LMMS_TASKS if name in run):
         lines = []
         for key, value in task_overrides(task, data, judge).items():
             if isinstance(value, dict):

@@ -11,7 +11,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moetool.eval.tasks import LMMS_TASKS, TASKS, task_overrides
+from moetool.eval.tasks import LMMS_TASKS, TASKS, get_task, task_overrides
 from moetool.io import UnsafeOverwriteError, check_overwrite
 from moetool.paper import BenchmarkFigures
 
@@ -46,8 +46,10 @@ def check_data(task: str, data: Path) -> None:
     """One clear error for a missing directory or a dataset in the wrong schema."""
     from datasets import DatasetDict, load_from_disk
 
-    if task not in TASKS:
-        raise EvalError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    try:
+        get_task(task)
+    except KeyError as err:
+        raise EvalError(err.args[0]) from None
     if not data.is_dir():
         raise EvalError(f"--data {data}: no such directory")
     for lmms_task in lmms_tasks(task):

@@ -139,11 +139,6 @@ def get_lmms_task(name: str) -> LmmsTask:
     return LMMS_TASKS[name]
 
 
-def data_folders() -> dict[str, tuple[str, ...]]:
-    """Each local dataset folder and the columns its tasks read."""
-    return {t.data_folder: t.columns for t in LMMS_TASKS.values()}
-
-
 def task_overrides(task: str, data: str | Path, judge: bool) -> dict:
     """What replaces a built-in lmms-eval task's settings for local data: its data source (the
     ``save_to_disk`` folder under ``data``), the task's ``local`` settings and, without a

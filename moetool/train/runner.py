@@ -90,7 +90,6 @@ class _StagePlan:
     """What a stage reads and writes, checked before any process starts work."""
 
     stage: StageSection
-    run_dir: Path
     out: Path  # the final HF checkpoint
     state: Path  # DeepSpeed checkpoints, metrics.jsonl
     init: Path | None
@@ -156,7 +155,7 @@ def _plan_stage(
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     run = checkpoints.fingerprint(recipe_to_dict(recipe), stage_name, data_files, world_size, init)
     resume_from = resume_point(state / "checkpoints", run) if resume else None
-    return _StagePlan(stage, run_dir, out, state, init, data_files, image_folder, run, resume_from)
+    return _StagePlan(stage, out, state, init, data_files, image_folder, run, resume_from)
 
 
 def run_stage(
@@ -175,8 +174,9 @@ def run_stage(
 
     ``stop_after`` ends the process's work after that many optimizer steps without writing the
     final checkpoint (a deliberate interruption, for resume tests)."""
-    plan = _plan_stage(recipe, stage_name, Path(run_dir), init, resume, overwrite, recipe_dir)
-    stage, out, state, run_dir = plan.stage, plan.out, plan.state, plan.run_dir
+    run_dir = Path(run_dir)
+    plan = _plan_stage(recipe, stage_name, run_dir, init, resume, overwrite, recipe_dir)
+    stage, out, state = plan.stage, plan.out, plan.state
 
     ensure_distributed_env()
     import deepspeed
