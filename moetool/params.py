@@ -177,7 +177,7 @@ def count_model(
 
 @dataclass(frozen=True)
 class ParamReport:
-    """One row of ``moetool param-count`` (shared/DESIGN.md contract 1)."""
+    """One row of ``moetool param-count`` (its JSON keys are documented in docs/param-count.md)."""
 
     name: str
     paper_total_b: float | None

@@ -116,7 +116,7 @@ def run_quickstart(
     eval_batch_size: int = 16,
 ) -> dict[str, Any]:
     """Run the pipeline into ``out`` (refused if it exists, unless ``overwrite``) and return
-    the summary also written to ``out/summary.json`` (shared/DESIGN.md contract 4).
+    the summary also written to ``out/summary.json`` (keys in docs/getting-started.md).
 
     Everything is written to a temporary sibling that is renamed to ``out`` when complete.
     ``overrides`` are ``--set`` style recipe overrides (tests shorten the schedule with them).
