@@ -5,7 +5,9 @@ sampler that resumes mid-epoch (with optional modality-length grouping, as LLaVA
 A sample that cannot be encoded (unreadable or oversized image, every label masked, image tokens
 cut by ``max_length``) never raises inside a worker: the dataset returns a ``BadSample`` naming
 it, and the training loop decides — skip and count it (``data.skip_bad_samples``) or stop every
-rank with its name.
+rank with its name. A micro-batch with no good sample left is passed over by a zero-weight pass
+(the ranks stay in step); ``first_good`` finds the good sample that pass runs on when the rank
+has met none yet, without changing the sampler's order.
 """
 
 from __future__ import annotations
@@ -61,6 +63,17 @@ class EncodedDataset(torch.utils.data.Dataset):
             return BadSample(sample.where, reason_of(str(err)), str(err))
 
 
+def first_good(dataset: EncodedDataset, indices: Sequence[int]):
+    """The first of ``indices`` whose sample encodes (its encoded item), or ``None`` when none
+    does. Bad samples met on the way are not counted: they are counted when training meets
+    them."""
+    for index in indices:
+        item = dataset[index]
+        if not isinstance(item, BadSample):
+            return item
+    return None
+
+
 def text_length(sample: Sample) -> int:
     """A cheap length for grouping (words, as LLaVA's ``modality_lengths``)."""
     return sum(len(value.split()) for _, value in sample.turns)
@@ -95,7 +108,11 @@ class StageBatchSampler(torch.utils.data.Sampler[list[int]]):
     resumed run computes alike: global batch ``g`` of the epoch's order is
     ``order[g * B : (g + 1) * B]`` (B = micro-batch x world), and rank r takes its r-th
     micro-batch. ``set_epoch(epoch, start)`` picks the epoch and skips the first ``start``
-    micro-batches (what a resumed run already trained on) without loading them."""
+    micro-batches (what a resumed run already trained on) without loading them.
+
+    With ``group_by_modality_length`` every ``global_batch`` (one optimizer step: micro-batch x
+    world x accumulation; default one micro-batch per rank) holds one modality, as LLaVA groups
+    its global batches."""
 
     def __init__(
         self,
@@ -105,9 +122,16 @@ class StageBatchSampler(torch.utils.data.Sampler[list[int]]):
         world: int,
         seed: int,
         group_by_modality_length: bool = False,
+        global_batch: int | None = None,
     ):
         self.num_samples = len(samples)
         self.micro_batch, self.rank, self.world, self.seed = micro_batch, rank, world, seed
+        self.global_batch = global_batch or micro_batch * world
+        if self.global_batch % (micro_batch * world):
+            raise ValueError(
+                f"global batch {self.global_batch} is not a multiple of micro-batch "
+                f"{micro_batch} x world {world}"
+            )
         self.group = group_by_modality_length
         if self.group:
             self.lengths = [text_length(s) for s in samples]
@@ -120,9 +144,16 @@ class StageBatchSampler(torch.utils.data.Sampler[list[int]]):
     def order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
         if self.group:
-            global_batch = self.micro_batch * self.world
-            return modality_length_order(self.lengths, self.has_image, global_batch, g)
+            return modality_length_order(self.lengths, self.has_image, self.global_batch, g)
         return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def lookahead(self, epoch: int, micro_step: int) -> list[int]:
+        """Every sample, beginning with this rank's micro-batch ``micro_step`` of ``epoch`` and
+        going on in the epoch's order (then from its start): where a rank looks for a good
+        sample to stand in for a micro-batch with none. The order itself is unchanged."""
+        order = self.order(epoch)
+        first = micro_step * self.micro_batch * self.world + self.rank * self.micro_batch
+        return order[first:] + order[:first]
 
     def __len__(self) -> int:
         return self.num_samples // (self.micro_batch * self.world) - self.start

@@ -183,8 +183,14 @@ def run_stage(
     import torch
 
     from moetool.data.llava_json import load_llava_json
-    from moetool.data.pipeline import EncodedDataset, StageBatchSampler, make_loader, reason_of
-    from moetool.data.preprocess import Preprocessor
+    from moetool.data.pipeline import (
+        EncodedDataset,
+        StageBatchSampler,
+        first_good,
+        make_loader,
+        reason_of,
+    )
+    from moetool.data.preprocess import Preprocessor, collate
     from moetool.data.templates import get_template
     from moetool.models.parts import set_trainable
 
@@ -277,14 +283,24 @@ def run_stage(
         world,
         stage.seed,
         stage.group_by_modality_length,
+        global_batch=stage.global_batch_size,
     )
+    dataset = EncodedDataset(samples, preprocessor)
     loader = make_loader(
-        EncodedDataset(samples, preprocessor),
+        dataset,
         sampler,
         processor.tokenizer.pad_token_id,
         recipe.data.num_workers,
         pin_memory=torch.cuda.is_available(),
     )
+
+    def stand_in(micro_step: int) -> dict | None:
+        """A good micro-batch for the zero-weight pass of a rank that has met none yet: the
+        first sample that encodes from its micro-batch ``micro_step`` of the epoch on (the
+        sampler's order is untouched); ``None`` when no sample of the stage is good."""
+        item = first_good(dataset, sampler.lookahead(sampler.epoch, micro_step))
+        return None if item is None else collate([item], processor.tokenizer.pad_token_id)
+
     skip_bad = recipe.data.skip_bad_samples
     skipped: Counter[str] = Counter()
     if rank == 0:  # every rank parsed the same files; rank 0 counts what parsing left out
@@ -319,7 +335,7 @@ def run_stage(
             started = time.perf_counter()
             totals, last_good = _optimizer_step(
                 engine, batches, micro_steps, aux_layers, skip_bad, skipped, last_good,
-                pending, rank, world, fail, step + 1,
+                pending, rank, world, fail, step + 1, stand_in, within * micro_steps,
             )  # fmt: skip
             step += 1
             done_this_run += 1
@@ -391,19 +407,22 @@ class _StepTotals:
 
 def _optimizer_step(
     engine, batches, micro_steps, aux_layers, skip_bad, skipped, last_good, pending, rank, world,
-    fail, step,
+    fail, step, stand_in, first_micro,
 ):  # fmt: skip
-    """One optimizer step over ``micro_steps`` micro-batches (DeepSpeed accumulates them).
+    """One optimizer step over ``micro_steps`` micro-batches (DeepSpeed accumulates them; the
+    first is micro-batch ``first_micro`` of the epoch).
 
     A bad sample stops every rank (``fail``) unless ``skip_bad``: then it is counted in
     ``skipped`` and a micro-batch with no good sample left is a zero-weight pass over
-    ``last_good`` (the last good micro-batch), which keeps the ranks' collectives in step. A
-    failure pending on rank 0 or a non-finite loss on any rank stops every rank too. Returns the
-    step's totals and the new ``last_good``."""
+    ``last_good`` (the last good micro-batch) or, on a rank that has met none yet (the first
+    steps, or a resumed run), over ``stand_in(micro)``; so every rank runs the same forward and
+    backward passes and the ranks' collectives stay in step. Only when no sample of the stage is
+    good does every rank stop. A failure pending on rank 0 or a non-finite loss on any rank
+    stops every rank too. Returns the step's totals and the new ``last_good``."""
     import torch
 
     totals = _StepTotals()
-    for _ in range(micro_steps):
+    for micro in range(first_micro, first_micro + micro_steps):
         batch, bad = next(batches)
         problem, weight = None, 1.0
         if bad and not skip_bad:
@@ -413,9 +432,11 @@ def _optimizer_step(
             totals.skipped += len(bad)
             if batch is None:  # nothing left: a zero-weight pass keeps the ranks in step
                 if last_good is None:
+                    last_good = stand_in(micro)
+                if last_good is None:
                     problem = (
-                        f"every sample of a micro-batch is bad ({bad[0].message}), and no good "
-                        "one came before it"
+                        "no sample of the stage's data can be used: every one is bad (this "
+                        f"micro-batch's first: {bad[0].message})"
                     )
                 batch, weight = last_good, 0.0
         # every rank stops together (a bad sample here, a failed metrics write on rank 0)

@@ -12,6 +12,7 @@ from moetool.data.pipeline import (
     BadSample,
     EncodedDataset,
     StageBatchSampler,
+    first_good,
     make_loader,
     modality_length_order,
 )
@@ -128,3 +129,45 @@ def test_bad_samples_come_back_named_not_raised(preprocessor, tmp_path):
         "no answer left (every label masked)",
     ]
     assert all(x.where == f"data.json, sample 's{i}'" for i, x in enumerate(items[1:], 1))
+
+
+def test_grouping_keeps_each_optimizer_step_to_one_modality_under_accumulation():
+    """Micro-batch 2 x world 2 x accumulation 2: the global batch of 8 that one optimizer step
+    trains on holds one modality (LLaVA groups global batches), not only each micro-step."""
+    has_image = [i % 3 != 0 for i in range(96)]
+    samples = [
+        text_sample(i, words=i % 11 + 1, image="x.png" if has_image[i] else None) for i in range(96)
+    ]
+    ranks = [list(StageBatchSampler(samples, 2, r, 2, 3, True, global_batch=8)) for r in (0, 1)]
+    steps = [
+        [i for r in (0, 1) for m in (2 * s, 2 * s + 1) for i in ranks[r][m]]
+        for s in range(len(ranks[0]) // 2)
+    ]
+    mixed = [s for s in steps if len({has_image[i] for i in s}) > 1]
+    assert len(steps) == 12 and len(mixed) <= 1  # at most the leftovers of the two modalities
+    with pytest.raises(ValueError, match="not a multiple"):
+        StageBatchSampler(samples, 2, 0, 2, 3, True, global_batch=6)
+
+
+def test_lookahead_starts_at_the_ranks_micro_batch_and_covers_every_sample():
+    samples = [text_sample(i) for i in range(30)]
+    for rank in (0, 1):
+        sampler = StageBatchSampler(samples, 3, rank, 2, seed=4)
+        sampler.set_epoch(1)
+        batches = list(sampler)
+        for micro in (0, 2, 4):
+            ahead = sampler.lookahead(1, micro)
+            assert ahead[:3] == batches[micro] and sorted(ahead) == list(range(30))
+        assert list(sampler) == batches  # looking ahead changes nothing the sampler yields
+
+
+def test_first_good_skips_bad_samples_and_says_when_none_is_good(preprocessor, tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(good)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:40])
+    samples = [text_sample(i, image=truncated) for i in range(3)] + [text_sample(3, image=good)]
+    dataset = EncodedDataset(samples, preprocessor)
+    item = first_good(dataset, [2, 0, 3, 1])
+    assert torch.equal(item["input_ids"], dataset[3]["input_ids"])
+    assert first_good(dataset, [0, 1, 2]) is None
