@@ -260,3 +260,29 @@ def test_top1_ablation_recipes_weight_by_the_raw_probability():
 def test_a_vision_tower_without_a_language_model_is_refused():
     with pytest.raises(RecipeError, match="vision.path: is set but model.path is empty"):
         load_recipe(recipes_root() / "tiny/llama.toml", ["vision.path=/models/clip"])
+
+
+PAPER_RECIPES = [name for name in bundled_recipes() if not name.startswith("tiny/")]
+# Samples of the paper's data per stage (Table 2; stage II adds the 40,688 text-only
+# conversations of nlp_tune.json): a save interval must fall inside the stage's epoch.
+PAPER_SAMPLES = {"pretrain": 558_128, "instruct": 964_000 + 40_688, "moe_tune": 665_298}
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_save_periodically_and_keep_one_checkpoint(name):
+    recipe = load_recipe(ROOT / f"{name}.toml")
+    for stage_name in recipe.stages.present():
+        stage = getattr(recipe.stages, stage_name)
+        steps_per_epoch = PAPER_SAMPLES[stage_name] // stage.global_batch_size
+        assert 0 < stage.save_steps < steps_per_epoch, (stage_name, stage.save_steps)
+        assert stage.save_total_limit == 1, stage_name  # pruned after each complete save
+
+
+@pytest.mark.parametrize("name", PAPER_RECIPES)
+def test_paper_recipes_group_by_modality_length_in_stages_2_and_3(name):
+    """As the official stage II/III scripts (--group_by_modality_length True); stage I's data
+    has images only and its script leaves it off."""
+    stages = load_recipe(ROOT / f"{name}.toml").stages
+    for stage_name in stages.present():
+        grouped = getattr(stages, stage_name).group_by_modality_length
+        assert grouped is (stage_name != "pretrain"), stage_name
