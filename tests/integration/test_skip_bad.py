@@ -129,3 +129,44 @@ def test_no_good_sample_at_all_stops_every_rank_with_one_message(workdir):
     assert "no sample of the stage's data can be used" in errors[0]
     assert "stage1.json, sample 'c" in errors[0] and "unreadable" in errors[0]
     assert not (workdir / "run/pretrain").exists()
+
+
+INTERRUPTED_AFTER_STEP_2 = """
+from moetool.recipe import load_recipe
+from moetool.train.runner import run_stage
+
+recipe = load_recipe("recipe.toml", ["data.skip_bad_samples=true", "stages.pretrain.max_steps=4",
+                                     "stages.pretrain.save_steps=2"])
+run_stage(recipe, "pretrain", "run_b", stop_after=2)
+"""
+
+
+def test_a_resumed_run_whose_first_micro_batches_are_all_bad_matches_the_uninterrupted_one(
+    workdir,
+):
+    """Step 3's two micro-batches are all bad: a run resumed from the step-2 checkpoint meets
+    them before any good one, goes on, and ends with the uninterrupted run's weights, losses and
+    counts (the sampler's order is not changed by looking for a good stand-in)."""
+    from safetensors.torch import load_file
+
+    order = first_epoch_order(world=1)
+    corrupt(workdir, order[8:12])  # step 3 = micro-batches 4 and 5
+    args = ["recipe.toml", *SKIP, "--set", "stages.pretrain.max_steps=4"]
+    args += ["--set", "stages.pretrain.save_steps=2", "--json"]
+    full = run(str(BIN / "moetool"), "pretrain", *args, "--out", "run")
+    assert full.returncode == 0, full.stderr[-3000:]
+    (workdir / "interrupt.py").write_text(INTERRUPTED_AFTER_STEP_2)
+    stopped = run(sys.executable, "interrupt.py")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert not (workdir / "run_b/pretrain").exists()
+    resumed = run(str(BIN / "moetool"), "pretrain", *args, "--out", "run_b", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(workdir / "run/pretrain/model.safetensors")
+    b = load_file(workdir / "run_b/pretrain/model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    rows_a = metrics(workdir / "run/pretrain-state/metrics.jsonl")
+    rows_b = metrics(workdir / "run_b/pretrain-state/metrics.jsonl")
+    assert [(r["loss"], r["skipped"]) for r in rows_a] == [
+        (r["loss"], r["skipped"]) for r in rows_b
+    ]
+    assert [r["skipped"] for r in rows_b] == [0, 0, 4, 0]
