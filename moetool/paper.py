@@ -174,3 +174,17 @@ TABLE3_4: tuple[BenchmarkFigures, ...] = tuple(
         ),
     )
 )
+
+# The split each Table 3/4 figure was measured on, keyed as `moetool.eval.tasks` names the
+# figures: ("table3", benchmark) or ("table4", POPE sampling). The paper does not print them; its
+# official evaluation scripts (scripts/v1/eval/moe_llava/*.sh, LLaVA-1.5's protocol) read these.
+PAPER_SPLITS: dict[tuple[str, str], str] = {
+    ("table3", "vqav2"): "test-dev",  # llava_vqav2_mscoco_test-dev2015, the evaluation server
+    ("table3", "gqa"): "test-dev balanced",  # llava_gqa_testdev_balanced
+    ("table3", "pope"): "COCO val2014, mean F1 of the 3 samplings",
+    ("table3", "mmbench"): "dev (en, 2023-07-12)",  # mmbench_dev_20230712
+    ("table3", "mmvet"): "test (GPT-4 judge)",
+    ("table4", "adversarial"): "COCO val2014, adversarial",
+    ("table4", "popular"): "COCO val2014, popular",
+    ("table4", "random"): "COCO val2014, random",
+}

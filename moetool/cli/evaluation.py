@@ -27,7 +27,12 @@ def eval_command(
     ] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="First N samples per task.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Generation batch.")] = 1,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:0 …")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", help="cpu, cuda, cuda:0 … (under torchrun: cuda)")
+    ] = "cpu",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="fp32 | bf16: the dtype the model runs in.")
+    ] = "fp32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results in OUT.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
@@ -47,9 +52,12 @@ def eval_command(
                 batch_size=batch_size,
                 device=device,
                 overwrite=overwrite,
+                dtype=dtype,
             )
     except EvalError as err:
         fail(str(err))
+    if report is None:
+        return  # a rank other than 0 of a data-parallel evaluation: rank 0 reports
     if as_json:
         print_json(
             {
@@ -58,21 +66,42 @@ def eval_command(
                 "samples": report.samples,
                 "out": str(out),
                 "notes": report.notes,
+                "dtype": report.dtype,
+                "world_size": report.world_size,
+                "splits": report.splits,
             }
         )
         return
     paper = report.paper
     rows = []
     for lmms_task, metrics in report.metrics.items():
+        split = report.splits[lmms_task]
         for metric, value in metrics.items():
             reference = paper_reference(paper, lmms_task, metric)
             scale = 1.0 if metric == "gpt_eval_score" else 100.0
             shown = "-" if reference is None else f"{reference:.1f}"
-            rows.append([lmms_task, metric, f"{value * scale:.1f}", shown])
+            rows.append(
+                [
+                    lmms_task,
+                    split["split"],
+                    metric,
+                    f"{value * scale:.1f}",
+                    shown,
+                    split["paper_split"] if reference is not None else "-",
+                ]
+            )
+    ranks = f", {report.world_size} ranks" if report.world_size > 1 else ""
     console.print(
         table(
-            f"{task} on {model} ({report.samples} samples)",
-            ["Task", "Metric", "Ours (%)", f"Paper ({paper.name})" if paper else "Paper"],
+            f"{task} on {model} ({report.samples} samples, {report.dtype}{ranks})",
+            [
+                "Task",
+                "Split",
+                "Metric",
+                "Ours (%)",
+                f"Paper ({paper.name})" if paper else "Paper",
+                "Paper split",
+            ],
             rows,
             caption="\n".join(report.notes),
         )

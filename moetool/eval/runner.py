@@ -7,13 +7,17 @@ import contextlib
 import csv
 import json
 import os
+import tempfile
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moetool.eval.tasks import LMMS_TASKS, TASKS, get_task, task_overrides
+from moetool.eval.tasks import LMMS_TASKS, TASKS, get_task, splits, task_overrides
 from moetool.io import UnsafeOverwriteError, check_overwrite
 from moetool.paper import BenchmarkFigures
+
+# `--dtype` -> the torch dtype the model is loaded in.
+EVAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class EvalError(ValueError):
@@ -29,6 +33,10 @@ class EvalReport:
     notes: list[str] = field(default_factory=list)
     # The paper's Table 3/4 row of the recipe the checkpoint was trained from (None: no row).
     paper: BenchmarkFigures | None = None
+    dtype: str = "float32"  # what the model ran in
+    world_size: int = 1  # ranks that answered a shard each
+    # lmms-eval task -> {"split": the split of our data, "paper_split": the paper's figure's}
+    splits: dict[str, dict[str, str | None]] = field(default_factory=dict)
 
 
 def lmms_tasks(task: str) -> tuple[str, ...]:
@@ -94,13 +102,20 @@ def run_eval(
     device: str = "cpu",
     overwrite: bool = False,
     lmms_model=None,
-) -> EvalReport:
-    """Run ``task`` with lmms-eval on ``model`` (a checkpoint directory) and local ``data``.
+    dtype: str = "fp32",
+) -> EvalReport | None:
+    """Run ``task`` with lmms-eval on ``model`` (a checkpoint directory) and local ``data``,
+    the model loaded in ``dtype`` (``fp32`` or ``bf16``).
 
     ``lmms_model`` replaces the checkpoint's model with another lmms-eval model instance (tests
     use an oracle). Writes ``out/results.json``, ``out/results.csv`` and ``out/samples.jsonl``.
+    Launched by torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), every process answers a shard
+    of the samples and rank 0 gathers, scores, writes and returns the report; the other ranks
+    return None.
     """
     data, out = Path(data), Path(out)
+    if dtype not in EVAL_DTYPES:
+        raise EvalError(f"--dtype {dtype}: expected one of {', '.join(EVAL_DTYPES)}")
     check_data(task, data)
     if lmms_model is None and not (Path(model) / "config.json").is_file():
         raise EvalError(f"--model {model}: not a checkpoint directory (no config.json)")
@@ -131,10 +146,19 @@ def run_eval(
             "predictions are written and every score is 0.0 (not judged)."
         )
 
-    with _environment(environment):
-        return _evaluate(
-            task, model, data, out, inputs, limit, batch_size, device, lmms_model, notes
-        )
+    notes += [LMMS_TASKS[t].split_note for t in lmms_tasks(task) if LMMS_TASKS[t].split_note]
+    import torch.distributed as dist
+
+    joined = dist.is_initialized()
+    try:
+        with _environment(environment):
+            return _evaluate(
+                task, model, data, out, inputs, limit, batch_size, device, lmms_model, notes,
+                EVAL_DTYPES[dtype],
+            )  # fmt: skip
+    finally:
+        if dist.is_initialized() and not joined:
+            dist.destroy_process_group()  # the group this evaluation joined
 
 
 @contextlib.contextmanager
@@ -152,9 +176,10 @@ def _environment(values: dict[str, str]):
 
 
 def _evaluate(
-    task, model, data, out, inputs, limit, batch_size, device, lmms_model, notes
-) -> EvalReport:
+    task, model, data, out, inputs, limit, batch_size, device, lmms_model, notes, dtype
+) -> EvalReport | None:
     import lmms_eval
+    import torch.distributed as dist
     from lmms_eval import evaluator
     from lmms_eval.tasks import TaskManager
 
@@ -163,16 +188,34 @@ def _evaluate(
     if lmms_model is None:
         from moetool.eval.lmms_model import MoeTool
 
-        lmms_model = MoeTool(pretrained=str(model), device=device, batch_size=batch_size)
+        try:
+            lmms_model = MoeTool(
+                pretrained=str(model), device=device, batch_size=batch_size, dtype=dtype
+            )
+        except ValueError as err:  # a device that the ranks cannot share
+            raise EvalError(str(err)) from None
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
     root = Path(lmms_eval.__file__).parent / "tasks"
     folders = sorted({LMMS_TASKS[t].yaml_folder for t in lmms_tasks(task)})
     manager = TaskManager(
         include_path=[str(root / f) for f in folders], include_defaults=False, model_name="moetool"
     )
-    with atomic_output_dir(out, overwrite=True, inputs=inputs) as tmp:
+    # Only rank 0 writes the results; the others answer their shard with a scratch directory.
+    output = (
+        atomic_output_dir(out, overwrite=True, inputs=inputs)
+        if rank == 0
+        else tempfile.TemporaryDirectory(prefix=f"moetool-eval-rank{rank}-")
+    )
+    with output as tmp:
+        tmp = Path(tmp)
         # lmms-eval's progress bars (some ignore TQDM_DISABLE) and warnings: a log beside the
         # results, not the command's output.
         with held_output("stderr") as lmms_log:
+            # lmms-eval shards the documents by rank (rank r answers documents r, r + W, ...),
+            # pads the shorter shards, and gathers the logged samples and per-sample metrics to
+            # rank 0, which alone aggregates. "torchrun": torch.distributed collectives on the
+            # process group the model joined, without an accelerate Accelerator.
             result = evaluator.simple_evaluate(
                 model=lmms_model,
                 tasks=task_configs(task, data),
@@ -182,14 +225,26 @@ def _evaluate(
                 log_samples=True,
                 bootstrap_iters=0,
                 batch_size=batch_size,
+                distributed_executor_backend="torchrun",
                 cli_args=types.SimpleNamespace(output_path=str(tmp), process_with_media=False),
             )
+        if rank != 0:
+            return None
         (tmp / "lmms_eval.log").write_text(lmms_log.getvalue())
         samples = result.pop("samples", {})
+        task_splits = splits(lmms_tasks(task))
+        result["moetool"] = {
+            "dtype": dtype,
+            "world_size": world_size,
+            "batch_size": batch_size,
+            "splits": task_splits,
+        }
         (tmp / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         with (tmp / "samples.jsonl").open("w") as f:
             for lmms_task, rows in samples.items():
-                for row in rows:
+                # Gathered shard by shard (rank 0's documents, then rank 1's, ...): in document
+                # order again, as one process logs them.
+                for row in sorted(rows, key=lambda r: r["doc_id"]):
                     f.write(json.dumps({"task": lmms_task, **row}, default=str) + "\n")
         metrics = {
             t: {
@@ -215,7 +270,7 @@ def _evaluate(
     count = sum(len(rows) for rows in samples.values())
     config = Path(model) / "config.json"
     paper = paper_figures(json.loads(config.read_text())) if config.is_file() else None
-    return EvalReport(task, metrics, count, out, notes, paper)
+    return EvalReport(task, metrics, count, out, notes, paper, dtype, world_size, task_splits)
 
 
 def paper_figures(checkpoint_config: dict):

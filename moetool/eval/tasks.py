@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moetool.paper import PAPER_SPLITS
+
 # Columns each dataset's lmms-eval hooks read.
 _POPE_COLUMNS = ("image", "question", "answer", "question_id")
 _POPE_METRICS = ("pope_accuracy", "pope_f1_score", "pope_yes_ratio")
@@ -30,6 +32,8 @@ class LmmsTask:
     local: dict = field(default_factory=dict)
     # ... and, when no GPT judge is configured, what replaces the judge's scoring.
     unjudged_local: dict = field(default_factory=dict)
+    # Said in the report where the paper's figure comes from another split than ours.
+    split_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,10 @@ LMMS_TASKS: dict[str, LmmsTask] = {
             "vqav2_val", "vqav2", "vqav2", "validation",
             ("image", "question", "question_id", "answers"), ("exact_match",),
             paper=("table3", "vqav2"),
+            split_note=(
+                "VQAv2: ours is the validation split; the paper's figure is test-dev, scored by "
+                "the VQAv2 evaluation server (other questions: compare loosely)."
+            ),
         ),
         *(
             LmmsTask(
@@ -151,6 +159,18 @@ def task_overrides(task: str, data: str | Path, judge: bool) -> dict:
         **spec.local,
         **({} if judge else spec.unjudged_local),
     }
+
+
+def paper_split(lmms_task: str) -> str | None:
+    """The split the paper's figure for ``lmms_task`` was measured on (``moetool.paper
+    .PAPER_SPLITS``); None where the paper has no figure for it."""
+    spec = get_lmms_task(lmms_task)
+    return None if spec.paper is None else PAPER_SPLITS[spec.paper]
+
+
+def splits(lmms_tasks) -> dict[str, dict[str, str | None]]:
+    """For the report: each task's split (of its local data) and the paper's split."""
+    return {t: {"split": get_lmms_task(t).split, "paper_split": paper_split(t)} for t in lmms_tasks}
 
 
 def paper_reference(paper, lmms_task: str, metric: str) -> float | None:

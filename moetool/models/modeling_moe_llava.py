@@ -106,6 +106,7 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         input_ids=None,
         pixel_values=None,
         attention_mask=None,
+        position_ids=None,
         *args,
         labels=None,
         router_losses: bool = True,
@@ -117,7 +118,9 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         ``output_router_logits`` returns every MoE layer's router logits too."""
         compute_losses = router_losses or labels is not None
         return_dict = kwargs.pop("return_dict", None)
-        call = (input_ids, pixel_values, attention_mask, *args)
+        # position_ids named in the signature: generate derives them from the attention mask
+        # only for a forward that names them (left-padded batches need them).
+        call = (input_ids, pixel_values, attention_mask, position_ids, *args)
         logits = None
         if compute_losses or output_router_logits:
             self._checkpoint_router_logits()

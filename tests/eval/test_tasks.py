@@ -102,3 +102,22 @@ def test_unknown_names_list_the_known_ones():
         tasks.get_task("textvqa")
     with pytest.raises(KeyError, match="tasks with local data: pope, pope_adv"):
         tasks.get_lmms_task("textvqa")
+
+
+def test_each_paper_figure_names_the_split_the_paper_measured_it_on():
+    """The paper's splits (its official scripts): VQAv2 test-dev where our task reads
+    validation (and the report says so), GQA test-dev balanced, POPE's samplings of COCO val2014
+    split by split as ours, MMBench's English dev set."""
+    found = tasks.splits(tasks.LMMS_TASKS)
+    assert found["vqav2_val"] == {"split": "validation", "paper_split": "test-dev"}
+    assert "test-dev" in tasks.LMMS_TASKS["vqav2_val"].split_note
+    assert found["gqa"] == {"split": "testdev", "paper_split": "test-dev balanced"}
+    for name in ("pope_adv", "pope_pop", "pope_random"):
+        split = found[name]["split"]
+        assert found[name]["paper_split"] == f"COCO val2014, {split}"
+    for name in ("mmbench_en_dev", "mmbench_en_dev_static"):
+        assert found[name]["split"] == "dev" and found[name]["paper_split"].startswith("dev (en")
+    assert found["mmvet"]["paper_split"].startswith("test")
+    assert found["pope"]["paper_split"] is None  # no paper figure for the pooled task
+    # Only tasks whose split differs from the paper's carry a note.
+    assert [n for n, t in tasks.LMMS_TASKS.items() if t.split_note] == ["vqav2_val"]

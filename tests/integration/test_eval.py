@@ -182,15 +182,24 @@ def test_the_table_puts_paper_figures_beside_ours_for_a_paper_recipe(world, tmp_
         "--out", str(tmp_path / "t"), "--limit", "3",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if "Metric" in line)
+    assert [c.strip() for c in header.strip("┃ ").split("┃")][-1] == "Paper split"
     rows = {
-        tuple(cells[:2]): cells[3]
-        for line in proc.stdout.splitlines()
-        if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 4
+        (cells[0], cells[2]): (cells[1], cells[4], cells[5])
+        for line in lines
+        if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 6
     }
-    assert rows[("pope_adv", "pope_accuracy")] == "86.9"
-    assert rows[("pope_adv", "yes_ratio_predicted")] == "41.5"  # Table 4, adversarial "Yes"
-    assert rows[("pope_pop", "yes_ratio_predicted")] == "43.0"
-    assert rows[("pope_adv", "pope_yes_ratio")] == "-"
+    # Our split, the paper's figure, the split the paper measured it on.
+    assert rows[("pope_adv", "pope_accuracy")] == (
+        "adversarial",
+        "86.9",
+        "COCO val2014, adversarial",
+    )
+    assert rows[("pope_adv", "yes_ratio_predicted")][1] == "41.5"  # Table 4, adversarial "Yes"
+    assert rows[("pope_pop", "yes_ratio_predicted")][1] == "43.0"
+    assert rows[("pope_adv", "pope_yes_ratio")][1:] == ("-", "-")
+    assert rows[("pope_pop", "pope_accuracy")][0] == "popular"
 
 
 def test_lmms_eval_command_line_with_the_moetool_model(world, tmp_path):
@@ -279,3 +288,60 @@ def test_overwrite_never_deletes_the_model_or_data_it_reads(world, tmp_path):
     assert proc.returncode == 2 and "contains this command's input" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (out / "moe/config.json").is_file()
+
+
+def samples_and_results(out: Path) -> tuple[list[dict], dict]:
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return samples, json.loads((out / "results.json").read_text())
+
+
+def test_data_parallel_evaluation_answers_as_one_rank(world, tmp_path):
+    """Two ranks (gloo) under torchrun answer a shard each; rank 0 merges and scores: the same
+    per-sample log, in the same order, and the same results as one rank, which it alone writes
+    and prints."""
+    runs = {}
+    for ranks in (1, 2):
+        proc = subprocess.run(
+            [
+                str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks),
+                "-m", "moetool", "eval", "pope", "--model", str(world / "moe"),
+                "--data", str(world / "data/lmms"), "--out", str(tmp_path / f"r{ranks}"),
+                "--limit", "5", "--batch-size", "2", "--json",
+            ],
+            capture_output=True, text=True, timeout=900,
+            env=dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="120"),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[ranks] = json.loads(proc.stdout)  # one report: rank 0's
+        assert runs[ranks]["world_size"] == ranks
+    (one, one_results), (two, two_results) = (
+        samples_and_results(tmp_path / f"r{n}") for n in (1, 2)
+    )
+    assert len(one) == 15 and [s["doc_id"] for s in one[:5]] == [0, 1, 2, 3, 4]
+    assert len({s["resps"][0][0] for s in one}) > 1  # answers that tell samples apart
+    assert two == one
+    assert two_results["results"] == one_results["results"]
+    assert runs[2]["metrics"] == runs[1]["metrics"]
+    assert two_results["moetool"]["world_size"] == 2
+    assert one_results["moetool"]["world_size"] == 1
+
+
+def test_eval_runs_the_model_in_the_dtype_asked_for(world, tmp_path):
+    proc = moetool(
+        "eval", "vqav2", "--model", str(world / "moe"), "--data", str(world / "data/lmms"),
+        "--out", str(tmp_path / "b"), "--limit", "2", "--dtype", "bf16", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["dtype"] == "bfloat16"
+    assert report["splits"] == {"vqav2_val": {"split": "validation", "paper_split": "test-dev"}}
+    assert any("test-dev" in note for note in report["notes"])
+    _, results = samples_and_results(tmp_path / "b")
+    assert results["moetool"]["dtype"] == "bfloat16"
+    assert results["moetool"]["splits"] == report["splits"]
+    bad = moetool(
+        "eval", "vqav2", "--model", str(world / "moe"), "--data", str(world / "data/lmms"),
+        "--out", str(tmp_path / "c"), "--dtype", "fp16",
+    )  # fmt: skip
+    assert bad.returncode == 2 and "error: --dtype fp16: expected one of fp32, bf16" in bad.stderr
+    assert "Traceback" not in bad.stderr
