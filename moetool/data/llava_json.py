@@ -1,6 +1,7 @@
 """The LLaVA JSON format: ``id``, ``image`` (a path, a list of paths, or absent for text-only)
 and ``conversations`` (``from`` human/gpt, ``value`` with ``<image>`` placeholders), read from
-one or several files that are mixed into one dataset."""
+one or several files that are mixed into one dataset. A leading gpt turn is dropped, as the
+official code drops it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moetool.data.templates import IMAGE_PLACEHOLDER, TemplateError, _check_turns
+from moetool.data.templates import IMAGE_PLACEHOLDER, TemplateError, conversation_turns
 
 
 class DataError(ValueError):
@@ -27,7 +28,9 @@ class Sample:
         return f"{self.source}, sample {self.id!r}"
 
 
-def _parse_sample(raw, index: int, file: Path, image_folder: Path) -> Sample:
+def parse_sample(raw, index: int, file: Path, image_folder: Path) -> Sample:
+    """Sample ``index`` of ``file`` as training reads it (a leading gpt turn dropped); a
+    ``DataError`` naming file and sample for a malformed one or a missing image."""
     where = f"{file}, sample #{index}"
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected an object, got {type(raw).__name__}")
@@ -42,7 +45,7 @@ def _parse_sample(raw, index: int, file: Path, image_folder: Path) -> Sample:
             raise DataError(f"{where}: turn {j} needs 'from' and a string 'value'")
         turns.append((turn.get("from"), turn["value"]))
     try:
-        _check_turns(turns)
+        turns = conversation_turns(turns)
     except TemplateError as err:
         raise DataError(f"{where}: {err}") from None
     image = raw.get("image")
@@ -61,6 +64,21 @@ def _parse_sample(raw, index: int, file: Path, image_folder: Path) -> Sample:
     return Sample(sample_id, str(file), images, tuple(turns))
 
 
+def read_llava_file(file: str | Path) -> list:
+    """The raw samples of one LLaVA-JSON file; a ``DataError`` naming the file when it is
+    missing, not JSON, or not a list."""
+    file = Path(file)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{file}: no such data file") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{file}: not a readable JSON file ({err})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{file}: expected a JSON list of samples")
+    return data
+
+
 def load_llava_json(
     files: list[str | Path], image_folder: str | Path, skip_bad: bool = False
 ) -> tuple[list[Sample], list[str]]:
@@ -70,17 +88,9 @@ def load_llava_json(
     skipped: list[str] = []
     folder = Path(image_folder)
     for file in map(Path, files):
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{file}: no such data file") from None
-        except (OSError, ValueError) as err:
-            raise DataError(f"{file}: not a readable JSON file ({err})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{file}: expected a JSON list of samples")
-        for index, raw in enumerate(data):
+        for index, raw in enumerate(read_llava_file(file)):
             try:
-                samples.append(_parse_sample(raw, index, file, folder))
+                samples.append(parse_sample(raw, index, file, folder))
             except DataError as err:
                 if not skip_bad:
                     raise

@@ -44,8 +44,8 @@ class Template:
 
     def render(self, turns: list[Turn]) -> tuple[str, list[Span]]:
         """Full text of a conversation and the spans of the assistant text (plus its end
-        token) that carry labels."""
-        _check_turns(turns)
+        token) that carry labels. A leading gpt turn is dropped (``conversation_turns``)."""
+        turns = conversation_turns(turns)
         pieces: list[tuple[str, bool]] = []
         if self.style == "plain":
             # Stage I: the image, then the caption; the question text is not used.
@@ -127,18 +127,35 @@ class Template:
         processor.chat_template = processor.tokenizer.chat_template = self.jinja()
 
 
-def _check_turns(turns: list[Turn]) -> None:
+def conversation_turns(turns: list[Turn]) -> list[Turn]:
+    """The turns a template renders: a leading gpt turn dropped, as the official LLaVA/MoE-LLaVA
+    ``preprocess`` does ("skip the first one if it is not from human"), then checked
+    (``_check_turns``). Raises ``TemplateError``."""
+    if turns and turns[0][0] == "gpt":
+        if len(turns) == 1:
+            raise TemplateError("a single gpt turn: nothing to answer")
+        turns = list(turns[1:])
+        _check_turns(turns, first=1)
+    else:
+        _check_turns(turns)
+    return turns
+
+
+def _check_turns(turns: list[Turn], first: int = 0) -> None:
+    """Human and gpt turns alternating from human, ending with gpt; ``first`` is the index of
+    ``turns[0]`` in the conversation (1 when a leading gpt turn was dropped)."""
     if not turns:
         raise TemplateError("empty conversation")
     if len(turns) % 2:
+        dropped = " after the leading gpt turn" if first else ""
         raise TemplateError(
-            f"{len(turns)} turns: a conversation alternates human and gpt turns "
+            f"{len(turns)} turns{dropped}: a conversation alternates human and gpt turns "
             "and ends with a gpt turn"
         )
     for i, (role, _) in enumerate(turns):
         expected = "human" if i % 2 == 0 else "gpt"
         if role != expected:
-            raise TemplateError(f"turn {i} is from {role!r}, expected {expected!r}")
+            raise TemplateError(f"turn {i + first} is from {role!r}, expected {expected!r}")
 
 
 TEMPLATES: dict[str, Template] = {}

@@ -50,8 +50,20 @@ def test_mixes_files_in_order(folder):
             dict(
                 GOOD, conversations=[{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]
             ),
-            "turn 0 is from 'gpt'",
+            "1 turns after the leading gpt turn",
         ),
+        (
+            dict(
+                GOOD,
+                conversations=[
+                    {"from": "gpt", "value": "x"},
+                    {"from": "gpt", "value": "<image>"},
+                    {"from": "human", "value": "y"},
+                ],
+            ),
+            "turn 1 is from 'gpt', expected 'human'",
+        ),
+        (dict(GOOD, conversations=[{"from": "gpt", "value": "<image>"}]), "a single gpt turn"),
         (dict(TEXT, image="a.png"), "1 image\\(s\\) but 0 <image>"),
         (dict(GOOD, conversations=[{"from": "human", "value": "<image>"}]), "ends with a gpt"),
     ],
@@ -61,6 +73,22 @@ def test_bad_samples_name_file_and_id(folder, sample, message):
     with pytest.raises(DataError, match=message) as info:
         load_llava_json([path], folder)
     assert str(path) in str(info.value) and repr(sample["id"]) in str(info.value)
+
+
+def test_a_leading_gpt_turn_is_dropped_as_the_official_code_drops_it(folder):
+    """LLaVA's ``preprocess`` skips a first turn that is not from the human; so does the
+    parser (the sample trains on the rest), and an ``<image>`` in the dropped turn no longer
+    counts."""
+    opener = {"from": "gpt", "value": "Hello! Ask me about the picture."}
+    leading = dict(GOOD, id="lead", conversations=[opener, *GOOD["conversations"]])
+    samples, skipped = load_llava_json([write(folder, [leading])], folder)
+    assert not skipped and samples[0].turns == (("human", "<image>\nColour?"), ("gpt", "Red."))
+    image_in_opener = dict(
+        TEXT, id="img", conversations=[{"from": "gpt", "value": "<image>"}, *TEXT["conversations"]]
+    )
+    image_in_opener["image"] = "a.png"
+    with pytest.raises(DataError, match="1 image\\(s\\) but 0 <image>"):
+        load_llava_json([write(folder, [image_in_opener])], folder)
 
 
 def test_skip_mode_counts_bad_samples(folder):

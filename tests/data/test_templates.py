@@ -1,7 +1,7 @@
 import jinja2
 import pytest
 
-from moetool.data.templates import TEMPLATES, TemplateError, get_template
+from moetool.data.templates import TEMPLATES, TemplateError, conversation_turns, get_template
 
 TURNS = [
     ("human", "<image>\nWhat colour is the circle?"),
@@ -22,6 +22,15 @@ def test_official_two_style_format():
     assert [text[a:b] for a, b in spans] == ["Red.<|endoftext|>", "Blue.<|endoftext|>"]
     assert get_template("openchat").render(TURNS)[0].endswith("Blue.<|end_of_turn|>")
     assert get_template("mistral").render(TURNS)[0].endswith("Blue.</s>")
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_a_leading_gpt_turn_is_dropped(name):
+    """As the official code: a conversation opened by the assistant renders as the rest."""
+    template = get_template(name)
+    opened = [("gpt", "Hi, ask me anything."), *TURNS]
+    assert template.render(opened) == template.render(TURNS)
+    assert conversation_turns(opened) == TURNS
 
 
 def test_plain_template_trains_on_the_caption_only():
@@ -54,8 +63,12 @@ def test_bad_conversations():
         t.render([])
     with pytest.raises(TemplateError, match="ends with a gpt turn"):
         t.render([("human", "hi")])
-    with pytest.raises(TemplateError, match="turn 0 is from 'gpt'"):
+    with pytest.raises(TemplateError, match="turn 2 is from 'gpt', expected 'human'"):
+        t.render([("human", "hi"), ("gpt", "x"), ("gpt", "y"), ("human", "z")])
+    with pytest.raises(TemplateError, match="1 turns after the leading gpt turn"):
         t.render([("gpt", "hi"), ("human", "x")])
+    with pytest.raises(TemplateError, match="a single gpt turn"):
+        t.render([("gpt", "hi")])
     with pytest.raises(TemplateError, match="known: plain, phi"):
         get_template("vicuna_v1")
 
