@@ -27,6 +27,25 @@ def expand_to_square(image, fill: tuple[int, int, int]):
     return canvas
 
 
+def decode_image(path):
+    """The image at ``path`` fully decoded, in RGB; a ``DataError`` naming it when it is
+    unreadable or over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``: PIL
+    warns above it and raises above twice it; both are errors here)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(f"image {path} is too large ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken files
+        raise DataError(f"image {path} is unreadable ({err})") from None
+
+
 @dataclass
 class Preprocessor:
     processor: object  # a LlavaProcessor (image processor + tokenizer)
@@ -40,21 +59,18 @@ class Preprocessor:
         return self.processor.tokenizer
 
     def load_image(self, sample: Sample, path):
-        from PIL import Image
-
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except Image.DecompressionBombError as err:
-            raise DataError(f"{sample.where}: image {path} is too large ({err})") from None
-        except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken files
-            raise DataError(f"{sample.where}: image {path} is unreadable ({err})") from None
+            image = decode_image(path)
+        except DataError as err:
+            raise DataError(f"{sample.where}: {err}") from None
         if self.image_aspect_ratio == "pad":
             mean = self.processor.image_processor.image_mean
             image = expand_to_square(image, tuple(int(255 * m) for m in mean))
         return image
 
-    def encode(self, sample: Sample) -> dict:
+    def tokenize(self, sample: Sample) -> tuple[list[int], list[int]]:
+        """The whole conversation's token ids and labels (assistant turns only, Eq. 8), each
+        ``<image>`` expanded to the tower's tokens; before truncation."""
         text, spans = self.template.render(list(sample.turns))
         # Expand each placeholder into the tower's image tokens, moving the label spans along.
         expansion = IMAGE_PLACEHOLDER * self.image_tokens
@@ -78,6 +94,13 @@ class Preprocessor:
         for i, (start, end) in enumerate(enc["offset_mapping"]):
             if end > start and any(start < b and end > a for a, b in new_spans):
                 labels[i] = ids[i]
+        return ids, labels
+
+    def truncate(
+        self, sample: Sample, ids: list[int], labels: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """``ids`` and ``labels`` cut to ``max_length``; a ``DataError`` when the cut goes into
+        the image tokens or no label is left."""
         image_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         if len(ids) > self.max_length:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
@@ -91,6 +114,10 @@ class Preprocessor:
                 f"{self.template.name!r}, max_length {self.max_length}): nothing to "
                 "train on"
             )
+        return ids, labels
+
+    def encode(self, sample: Sample) -> dict:
+        ids, labels = self.truncate(sample, *self.tokenize(sample))
         out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if sample.images:
             images = [self.load_image(sample, p) for p in sample.images]

@@ -113,6 +113,17 @@ def save_checkpoint(model, processor, out, overwrite: bool = False, metadata=Non
         processor.save_pretrained(tmp)
 
 
+def base_tokenizer(model_section: ModelSection):
+    """The base LLM's own tokenizer (``model.path``), with ``<image>`` added if missing: what
+    stage I trains with and every later stage's checkpoint carries."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_section.path)
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
 def build_lvlm_from_parts(model_section: ModelSection, vision: VisionSection, dtype=None):
     """The stage-I starting point of a real run: the base LLM from ``model.path``, the vision
     tower from ``vision.path`` (local transformers checkpoints, read with safetensors), and a
@@ -123,19 +134,12 @@ def build_lvlm_from_parts(model_section: ModelSection, vision: VisionSection, dt
     from pathlib import Path
 
     import torch
-    from transformers import (
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import AutoModel, AutoModelForCausalLM, LlavaForConditionalGeneration
 
     for key, value in (("model.path", model_section.path), ("vision.path", vision.path)):
         if not value or not Path(value).is_dir():
             raise FileNotFoundError(f"{key}: {value!r} is not a local checkpoint directory")
-    tokenizer = AutoTokenizer.from_pretrained(model_section.path)
-    if "<image>" not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer = base_tokenizer(model_section)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     llm = AutoModelForCausalLM.from_pretrained(
         model_section.path, dtype=dtype, use_safetensors=True
