@@ -1,0 +1,234 @@
+"""The data preflight finds what training would stop on (and what it accepts), sample by sample,
+and agrees with the training parser and encoder on every sample."""
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from moetool.data.check import check_image, check_sample, check_stage, token_stats
+from moetool.data.llava_json import DataError, load_llava_json
+from moetool.data.pipeline import BadSample, EncodedDataset
+from moetool.data.preprocess import Preprocessor, decode_image
+from moetool.data.templates import get_template
+
+MAX_LENGTH = 64
+IMAGE_TOKENS = 16  # 32 px / patch 8, squared
+
+
+def png_bomb(path: Path, side: int) -> Path:
+    """A valid 1-bit all-black PNG of side x side pixels: a few kB on disk for any side."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    row = b"\x00" + bytes((side + 7) // 8)  # filter byte, then the packed pixels
+    squeeze = zlib.compressobj(9)
+    pixels = b"".join(squeeze.compress(row) for _ in range(side)) + squeeze.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def turns(*pairs):
+    out = []
+    for question, answer in pairs:
+        out += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return out
+
+
+LONG = " ".join(["the red circle is left of the blue square"] * 20)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A stage's data with one of each problem, and the training preprocessor."""
+    from moetool.models.build import llava_processor
+    from moetool.tiny import build_tokenizer
+
+    root = tmp_path_factory.mktemp("check")
+    Image.new("RGB", (40, 30), "red").save(root / "good.png")
+    Image.new("RGB", (48, 48), "blue").save(root / "other.png")
+    Image.new("RGB", (640, 480), "green").save(root / "full.jpg", quality=90)
+    data = (root / "full.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(data[: len(data) // 2])
+    png_bomb(root / "bomb.png", 10_000)  # 1e8 pixels: over PIL's limit (89.5M), under twice it
+    png_bomb(root / "huge.png", 20_000)  # 4e8 pixels: over twice the limit
+    ask = "<image>\nWhat colour is it?"
+    rows = [
+        {"id": "good", "image": "good.png", "conversations": turns((ask, "Red."))},
+        {"id": "long_answer", "image": "good.png", "conversations": turns((ask, LONG))},
+        {"id": "long_question", "image": "other.png", "conversations": turns((ask + LONG, "Red."))},
+        {
+            "id": "leading_gpt",
+            "image": "other.png",
+            "conversations": [{"from": "gpt", "value": "Hello!"}, *turns((ask, "Blue."))],
+        },
+        {"id": "truncated_jpeg", "image": "cut.jpg", "conversations": turns((ask, "Green."))},
+        {"id": "bomb", "image": "bomb.png", "conversations": turns((ask, "Black."))},
+        {"id": "huge", "image": "huge.png", "conversations": turns((ask, "Black."))},
+        {"id": "missing", "image": "nowhere.png", "conversations": turns((ask, "?"))},
+        {"id": "image_last", "image": "good.png", "conversations": turns((LONG + ask, "Red."))},
+        {"id": "text", "conversations": turns(("Say hi.", "Hi."), ("Again?", "Hi."))},
+        {"id": "bomb_again", "image": "bomb.png", "conversations": turns((ask, "Black."))},
+        {"id": "odd", "conversations": [{"from": "human", "value": "alone"}]},
+        "not an object",
+    ]
+    a, b = root / "a.json", root / "b.json"
+    a.write_text(json.dumps(rows[:7]))
+    b.write_text(json.dumps(rows[7:]))
+    tokenizer = build_tokenizer(512, "llama3")
+    processor = llava_processor("clip", 32, 8, tokenizer)
+    pre = Preprocessor(processor, get_template("llama3"), IMAGE_TOKENS, MAX_LENGTH, "pad")
+    return root, [a, b], pre
+
+
+EXPECTED = [  # (file, index, id, severity, kind), in file and sample order
+    ("a", 1, "long_answer", "warning", "truncated"),
+    ("a", 2, "long_question", "error", "all_labels_masked"),
+    ("a", 3, "leading_gpt", "warning", "leading_gpt_turn"),
+    ("a", 4, "truncated_jpeg", "error", "unreadable_image"),
+    ("a", 5, "bomb", "error", "image_too_large"),
+    ("a", 6, "huge", "error", "image_too_large"),
+    ("b", 0, "missing", "error", "missing_image"),
+    ("b", 1, "image_last", "error", "image_tokens_cut"),
+    ("b", 3, "bomb_again", "error", "image_too_large"),
+    ("b", 4, "odd", "error", "malformed"),
+    ("b", 5, None, "error", "malformed"),
+]
+
+
+def test_the_bombs_are_real(tmp_path):
+    """Small files whose header declares more pixels than PIL's default limit."""
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+    bomb = png_bomb(tmp_path / "b.png", 10_000)
+    assert bomb.stat().st_size < 50_000
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(bomb) as img:
+            assert img.size == (10_000, 10_000) and img.mode == "1"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_every_problem_is_named_in_order(world):
+    root, files, pre = world
+    report = check_stage("instruct", files, root, pre)
+    found = [(Path(p.file).stem, p.index, p.id, p.severity, p.kind) for p in report.problems]
+    assert found == EXPECTED
+    for problem in report.problems:
+        assert problem.file in problem.message
+        if problem.id is not None:
+            assert repr(problem.id) in problem.message
+    assert report.samples == 13 and report.good == 4  # good, long_answer, leading_gpt, text
+    assert (report.with_image, report.text_only) == (9, 1)  # of the 11 that parse
+    # good.png, other.png, cut.jpg, bomb.png, huge.png: each decoded once.
+    assert report.images == 5
+    assert report.counts("error") == {
+        "malformed": 2,
+        "missing_image": 1,
+        "unreadable_image": 1,
+        "image_too_large": 3,
+        "image_tokens_cut": 1,
+        "all_labels_masked": 1,
+    }
+    assert report.counts("warning") == {"truncated": 1, "leading_gpt_turn": 1}
+    assert report.verdict(skip_bad_samples=False) == "stop"
+    assert report.verdict(skip_bad_samples=True) == "skip"
+
+
+def test_agrees_with_what_training_reads(world):
+    """A sample is bad for the check exactly when training's parser skips it or training's
+    dataset cannot encode it, and a sample's length is what training's encoder gives (image
+    tokens included) before the cut."""
+    root, files, pre = world
+    report = check_stage("instruct", files, root, pre)
+    samples, skipped = load_llava_json(files, root, skip_bad=True)
+    items = [EncodedDataset(samples, pre)[i] for i in range(len(samples))]
+    trained = {
+        s.id for s, item in zip(samples, items, strict=True) if not isinstance(item, BadSample)
+    }
+    bad_for_check = {p.id for p in report.problems if p.severity == "error"}
+    assert report.bad == len(skipped) + len(samples) - len(trained) == 9
+    assert trained == {s.id for s in samples} - bad_for_check
+    for sample, item in zip(samples, items, strict=True):
+        check = check_sample(
+            sample_raw(files, sample), sample_index(files, sample), Path(sample.source), root, pre
+        )
+        if isinstance(item, BadSample):
+            continue
+        if sample.id == "long_answer":
+            assert check.length > MAX_LENGTH == len(item["input_ids"])
+        else:
+            assert check.length == len(item["input_ids"])
+
+
+def sample_raw(files, sample):
+    return json.loads(Path(sample.source).read_text())[sample_index(files, sample)]
+
+
+def sample_index(files, sample):
+    rows = json.loads(Path(sample.source).read_text())
+    return next(i for i, r in enumerate(rows) if isinstance(r, dict) and r.get("id") == sample.id)
+
+
+def test_workers_give_the_same_report_in_the_same_order(world):
+    root, files, pre = world
+    alone = check_stage("instruct", files, root, pre, workers=0)
+    seen = []
+    pooled = check_stage(
+        "instruct",
+        files,
+        root,
+        pre,
+        workers=2,
+        progress=lambda phase, done, total: seen.append((phase, done, total)),
+        sample_chunk=2,
+        image_chunk=1,
+    )
+    assert pooled.problems == alone.problems
+    assert (pooled.good, pooled.images, pooled.tokens) == (alone.good, alone.images, alone.tokens)
+    assert ("instruct: samples", 13, 13) in seen and ("instruct: images", 5, 5) in seen
+
+
+def test_decompression_bomb_warning_is_an_error_in_training_too(world):
+    root, _, _ = world
+    for name in ("bomb.png", "huge.png"):
+        with pytest.raises(DataError, match="is too large"):
+            decode_image(root / name)
+        assert "is too large" in check_image(root / name)
+    assert "is unreadable" in check_image(root / "cut.jpg")
+    assert check_image(root / "full.jpg") is None
+    assert decode_image(root / "good.png").size == (40, 30)
+
+
+def test_unreadable_files_raise(world):
+    root, files, pre = world
+    with pytest.raises(DataError, match="no such data file"):
+        check_stage("instruct", [root / "nope.json"], root, pre)
+    (root / "obj.json").write_text("{}")
+    with pytest.raises(DataError, match="expected a JSON list"):
+        check_stage("instruct", [root / "obj.json"], root, pre)
+
+
+def test_token_stats():
+    assert token_stats([]) is None
+    assert token_stats([5, 1, 3]) == {"min": 1, "median": 3, "p95": 5, "max": 5}
+    lengths = list(range(1, 101))
+    assert token_stats(lengths) == {"min": 1, "median": 50.5, "p95": 95, "max": 100}
+
+
+def test_nothing_good_stops_even_when_skipping(world):
+    root, _, pre = world
+    only_bad = root / "bad.json"
+    only_bad.write_text(json.dumps([{"id": "m", "image": "x.png", "conversations": []}]))
+    report = check_stage("instruct", [only_bad], root, pre)
+    assert report.good == 0 and report.verdict(skip_bad_samples=True) == "stop"
