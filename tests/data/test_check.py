@@ -2,14 +2,25 @@
 and agrees with the training parser and encoder on every sample."""
 
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from moetool.data.check import check_image, check_sample, check_stage, token_stats
+from moetool.data.check import (
+    ERROR_KINDS,
+    WARNING_KINDS,
+    check_image,
+    check_sample,
+    check_stage,
+    token_stats,
+)
 from moetool.data.llava_json import DataError, load_llava_json
 from moetool.data.pipeline import BadSample, EncodedDataset
 from moetool.data.preprocess import Preprocessor, decode_image
@@ -232,3 +243,123 @@ def test_nothing_good_stops_even_when_skipping(world):
     only_bad.write_text(json.dumps([{"id": "m", "image": "x.png", "conversations": []}]))
     report = check_stage("instruct", [only_bad], root, pre)
     assert report.good == 0 and report.verdict(skip_bad_samples=True) == "stop"
+
+
+# The command: a tiny recipe pointed (with --set) at synthetic data with bad samples added.
+
+SCRIPT = shutil.which("moetool", path=str(Path(sys.executable).parent)) or shutil.which("moetool")
+
+
+def data_check(*args):
+    env = dict(os.environ, COLUMNS="200")
+    return subprocess.run(
+        [SCRIPT, "data", "check", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The synthetic world's stage II data, with a truncated JPEG, a decompression bomb, a
+    missing image and a leading gpt turn appended."""
+    from moetool.data.synth import SynthConfig
+    from moetool.eval.datasets import synthesize_world
+
+    root = tmp_path_factory.mktemp("world") / "data"
+    config = SynthConfig(seed=0, image_size=32, stage1=6, stage2=6, stage3=6, eval_images=4)
+    synthesize_world(root, config)
+    Image.new("RGB", (640, 480), "green").save(root / "full.jpg")
+    whole = (root / "full.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    png_bomb(root / "bomb.png", 10_000)
+    stage2 = json.loads((root / "stage2.json").read_text())
+    qa = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Shapes."}]
+    stage2 += [
+        {"id": "cut_jpeg", "image": "cut.jpg", "conversations": qa},
+        {"id": "the_bomb", "image": "bomb.png", "conversations": qa},
+        {"id": "lost", "image": "lost.png", "conversations": qa},
+        {
+            "id": "opened_by_gpt",
+            "image": stage2[0]["image"],
+            "conversations": [{"from": "gpt", "value": "Hi!"}, *qa],
+        },
+    ]
+    (root / "bad2.json").write_text(json.dumps(stage2))
+    return root
+
+
+def where(root):
+    return ["--set", f"data.root={root}", "--set", f"data.image_folder={root}"]
+
+
+def test_bad_samples_stop_the_run_and_are_named(data):
+    bad = ["--set", 'stages.instruct.data=["bad2.json"]']
+    proc = data_check("tiny/llama", *where(data), *bad, "--stage", "instruct")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("error: stage instruct would stop on its data (3 bad samples)")
+    for name in ("'cut_jpeg'", "'the_bomb'", "'lost'"):
+        assert name in proc.stderr
+    assert "opened_by_gpt" not in proc.stderr  # accepted: a warning
+    assert "1 leading gpt turn" in proc.stdout and "instruct" in proc.stdout
+
+    report = json.loads(data_check("tiny/llama", *where(data), *bad, "--json").stdout)
+    assert report["exit_code"] == 1 and set(report["stages"]) == {
+        "pretrain",
+        "instruct",
+        "moe_tune",
+    }
+    instruct = report["stages"]["instruct"]
+    assert instruct["verdict"] == "stop" and (instruct["samples"], instruct["good"]) == (10, 7)
+    assert instruct["errors"] == {"missing_image": 1, "unreadable_image": 1, "image_too_large": 1}
+    assert instruct["warnings"] == {"leading_gpt_turn": 1}
+    assert report["stages"]["pretrain"]["verdict"] == "ok"
+    kinds = {(p["stage"], p["id"], p["kind"]) for p in report["problems"]}
+    assert kinds == {
+        ("instruct", "cut_jpeg", "unreadable_image"),
+        ("instruct", "the_bomb", "image_too_large"),
+        ("instruct", "lost", "missing_image"),
+        ("instruct", "opened_by_gpt", "leading_gpt_turn"),
+    }
+    assert all(p["kind"] in ERROR_KINDS + WARNING_KINDS for p in report["problems"])
+
+    skipping = data_check(
+        "tiny/llama",
+        *where(data),
+        *bad,
+        "--set",
+        "data.skip_bad_samples=true",
+        "--stage",
+        "instruct",
+    )
+    assert skipping.returncode == 0, skipping.stderr
+    assert "instruct: 3 bad samples would be skipped" in skipping.stdout
+
+
+def test_clean_data_and_short_max_length(data):
+    clean = data_check("tiny/llama", *where(data), "--stage", "moe_tune")
+    assert clean.returncode == 0 and "the data would go through" in clean.stdout, clean.stderr
+    # max_length 60 (16 image tokens + the llama3 template + the turns) cuts some
+    # conversations and leaves others with no answer token.
+    short = ["--set", "stages.moe_tune.max_length=60", "--stage", "moe_tune"]
+    proc = data_check("tiny/llama", *where(data), *short)
+    assert proc.returncode == 1
+    assert "truncated" in proc.stdout and "all labels masked" in proc.stdout
+    assert "every label is masked (template 'llama3', max_length 60)" in proc.stderr
+    report = json.loads(data_check("tiny/llama", *where(data), *short, "--json").stdout)
+    stage = report["stages"]["moe_tune"]
+    assert stage["warnings"]["truncated"] > 0 and stage["errors"]["all_labels_masked"] > 0
+    assert stage["good"] + stage["errors"]["all_labels_masked"] == stage["samples"] == 6
+    assert stage["tokens"]["max"] > 60 and stage["image_tokens"] == 16
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stage", "finetune"], "--stage 'finetune': no such stage"),
+        (["--set", 'stages.instruct.data=["nope.json"]'], "nope.json: no such data file"),
+        (["--set", "moe.top_k=9"], "moe.top_k"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_2(data, args, message):
+    proc = data_check("tiny/llama", *where(data), *args)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
