@@ -30,6 +30,7 @@ from moetool.checkpoint_io import (
     write_sharded_safetensors,
 )
 from moetool.io import UnsafeOverwriteError, atomic_output_dir
+from moetool.models.build import carry_training_processor, checkpoint_aspect_ratio
 from moetool.models.moe.config import MoEConfig, MoEConfigError
 
 TARGETS = ("qwen3_moe", "qwen2_moe", "mixtral")
@@ -334,6 +335,8 @@ def export_checkpoint(
             write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes, progress)
             (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
             copy_side_files(src, tmp)
+            # The export has no moetool block: its processor alone must shape images as trained.
+            carry_training_processor(tmp, checkpoint_aspect_ratio(config))
     except UnsafeOverwriteError as err:
         raise ExportError(str(err)) from None
     finally:

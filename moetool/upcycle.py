@@ -28,6 +28,7 @@ from moetool.checkpoint_io import (
     write_sharded_safetensors,
 )
 from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
+from moetool.models.build import carry_training_processor, checkpoint_aspect_ratio
 from moetool.models.moe.config import MoEConfig, MoEConfigError
 
 # Language-model FFN parameters: `<prefix>language_model<...>layers.<i>.mlp.<rest>`.
@@ -351,8 +352,12 @@ def upcycle_checkpoint(
                 # drop_upcycling); the seed and the FFN layout found complete it.
                 "upcycle": {"seed": plan.seed, "mlp_structure": plan.structure.name},
             }
+            aspect_ratio = checkpoint_aspect_ratio(config)
+            if aspect_ratio is not None:  # the dense model's; the processor below shapes so
+                sparse_config["moetool"]["image_aspect_ratio"] = aspect_ratio
             (tmp / "config.json").write_text(json.dumps(sparse_config, indent=2) + "\n")
             copy_side_files(src, tmp)
+            carry_training_processor(tmp, aspect_ratio)
     finally:
         sources.close()
     return plan

@@ -15,7 +15,8 @@ IGNORE_INDEX = -100
 
 
 def expand_to_square(image, fill: tuple[int, int, int]):
-    """Pad to a square with ``fill`` (LLaVA's ``image_aspect_ratio = pad``)."""
+    """Pad to a square with ``fill`` (LLaVA's ``expand2square``, ``image_aspect_ratio = pad``):
+    the plain reference that ``training_image_processor``'s padding is tested against."""
     from PIL import Image
 
     width, height = image.size
@@ -46,6 +47,64 @@ def decode_image(path):
         raise DataError(f"image {path} is unreadable ({err})") from None
 
 
+# Image processors whose resize/crop/normalise settings carry over into a LlavaImageProcessor
+# (any backend: a checkpoint's type name loads the default backend through AutoImageProcessor).
+_IMAGE_PROCESSORS = {
+    f"{name}{backend}"
+    for name in ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor")
+    for backend in ("", "Fast", "Pil")
+}
+
+
+def training_image_processor(image_processor, aspect_ratio: str):
+    """``image_processor`` as a stage with ``image_aspect_ratio = aspect_ratio`` shapes images,
+    by itself (so that a plain ``AutoProcessor`` of the checkpoint sees the pixels training
+    saw). "pad": a ``LlavaImageProcessor`` with ``do_pad`` — padded to a square with the mean
+    colour, ``tuple(int(255 * m) for m in image_mean)`` as LLaVA's ``expand2square``, then the
+    same resize, crop and normalisation; "resize": the same without the padding. Returned as is
+    when it already does that."""
+    from transformers import LlavaImageProcessor
+
+    if aspect_ratio not in ("pad", "resize"):
+        raise ValueError(f"image_aspect_ratio {aspect_ratio!r}: expected 'pad' or 'resize'")
+    name = type(image_processor).__name__
+    if name not in _IMAGE_PROCESSORS:
+        raise ValueError(
+            f"image processor {name}: moetool shapes images with one of "
+            f"{', '.join(sorted(_IMAGE_PROCESSORS))}"
+        )
+    pad = aspect_ratio == "pad"
+    if bool(getattr(image_processor, "do_pad", False)) == pad and (
+        name == "LlavaImageProcessor" or not pad
+    ):
+        return image_processor
+    settings = {
+        k: v
+        for k, v in image_processor.to_dict().items()
+        if k not in ("image_processor_type", "processor_class", "do_pad")
+    }
+    settings["do_center_crop"] = bool(settings.get("do_center_crop"))  # SigLIP: no crop
+    return LlavaImageProcessor(**settings, do_pad=pad)
+
+
+def label_tokens(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """Each token's id where its characters overlap a trained span, else ``IGNORE_INDEX``:
+    one pass over tokens and spans (both in text order; the spans disjoint)."""
+    labels = [IGNORE_INDEX] * len(ids)
+    j, last_start = 0, 0
+    for i, (start, end) in enumerate(offsets):
+        if start < last_start:  # offsets that go back (never seen): look from the first span
+            j = 0
+        last_start = start
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        if j == len(spans):
+            break
+        if end > start and spans[j][0] < end:
+            labels[i] = ids[i]
+    return labels
+
+
 @dataclass
 class Preprocessor:
     processor: object  # a LlavaProcessor (image processor + tokenizer)
@@ -58,15 +117,18 @@ class Preprocessor:
     def tokenizer(self):
         return self.processor.tokenizer
 
+    def __post_init__(self):
+        # The processor the stage's checkpoint carries (train.runner saves this one).
+        self.image_processor = training_image_processor(
+            self.processor.image_processor, self.image_aspect_ratio
+        )
+
     def load_image(self, sample: Sample, path):
+        """The decoded image; the image processor pads or resizes it."""
         try:
-            image = decode_image(path)
+            return decode_image(path)
         except DataError as err:
             raise DataError(f"{sample.where}: {err}") from None
-        if self.image_aspect_ratio == "pad":
-            mean = self.processor.image_processor.image_mean
-            image = expand_to_square(image, tuple(int(255 * m) for m in mean))
-        return image
 
     def tokenize(self, sample: Sample) -> tuple[list[int], list[int]]:
         """The whole conversation's token ids and labels (assistant turns only, Eq. 8), each
@@ -90,11 +152,7 @@ class Preprocessor:
         text = "".join(pieces)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
-        labels = [IGNORE_INDEX] * len(ids)
-        for i, (start, end) in enumerate(enc["offset_mapping"]):
-            if end > start and any(start < b and end > a for a, b in new_spans):
-                labels[i] = ids[i]
-        return ids, labels
+        return ids, label_tokens(ids, enc["offset_mapping"], new_spans)
 
     def truncate(
         self, sample: Sample, ids: list[int], labels: list[int]
@@ -121,9 +179,7 @@ class Preprocessor:
         out = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if sample.images:
             images = [self.load_image(sample, p) for p in sample.images]
-            out["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")[
-                "pixel_values"
-            ]
+            out["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
         return out
 
 

@@ -15,7 +15,6 @@ from moetool.models.inference import (  # noqa: F401  (re-exported for lmms-eval
     answer,
     build_prompt,
     load_checkpoint,
-    prepare_image,
     training_aspect_ratio,
 )
 

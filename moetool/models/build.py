@@ -75,11 +75,15 @@ def llava_processor(
     tokenizer,
     strategy: str | None = None,
     image_processor=None,
+    aspect_ratio: str = "pad",
 ):
-    """LLaVA processor for a ``tower`` ("clip" or "siglip"): the tower's standard image
-    processor at ``image_size`` (unless one is given) and the tokenizer. CLIP adds a CLS token
-    that the default feature strategy drops; SigLIP has none."""
+    """LLaVA processor for a ``tower`` ("clip" or "siglip"): an image processor that shapes
+    images as a stage with ``aspect_ratio`` does (see ``training_image_processor``; from the
+    tower's standard one at ``image_size`` unless one is given) and the tokenizer. CLIP adds a
+    CLS token that the default feature strategy drops; SigLIP has none."""
     from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessor
+
+    from moetool.data.preprocess import training_image_processor
 
     clip = tower == "clip"
     if image_processor is None and clip:
@@ -88,7 +92,7 @@ def llava_processor(
     elif image_processor is None:
         image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
     return LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=training_image_processor(image_processor, aspect_ratio),
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy=strategy or ("default" if clip else "full"),
@@ -96,9 +100,45 @@ def llava_processor(
     )
 
 
-def build_processor(vision: VisionSection, tokenizer):
-    """LLaVA processor: the tower's image processor at the recipe's resolution + tokenizer."""
-    return llava_processor(vision.type, vision.image_size, vision.patch_size, tokenizer)
+def build_processor(vision: VisionSection, tokenizer, aspect_ratio: str = "pad"):
+    """LLaVA processor: the tower's image processor at the recipe's resolution, shaping images
+    as a stage with ``aspect_ratio`` does, + tokenizer."""
+    return llava_processor(
+        vision.type, vision.image_size, vision.patch_size, tokenizer, aspect_ratio=aspect_ratio
+    )
+
+
+def checkpoint_aspect_ratio(config: dict) -> str | None:
+    """How a checkpoint's images were shaped in training ("pad" or "resize"), from its config's
+    ``moetool`` block: the ``image_aspect_ratio`` upcycle and convert record, else the last
+    stage's in the recipe snapshot, else "pad" (the schema's default, as moetool has always
+    treated such checkpoints). None for a checkpoint moetool did not write: its processor is
+    taken as shipped."""
+    meta = config.get("moetool")
+    if not isinstance(meta, dict):
+        return None
+    if meta.get("image_aspect_ratio"):
+        return meta["image_aspect_ratio"]
+    stages = (meta.get("recipe") or {}).get("stages") or {}
+    return (stages.get(meta.get("stage")) or {}).get("image_aspect_ratio", "pad")
+
+
+def carry_training_processor(checkpoint, aspect_ratio: str | None) -> None:
+    """Re-save the LLaVA processor of ``checkpoint`` (a directory) so that its image processor
+    shapes images as ``aspect_ratio`` did in training, by itself; no change when it already
+    does or when ``aspect_ratio`` is None. For upcycle and export, whose outputs copy the
+    processor of a checkpoint possibly written before processors carried the padding."""
+    from transformers import LlavaProcessor
+
+    from moetool.data.preprocess import training_image_processor
+
+    if aspect_ratio is None:
+        return
+    processor = LlavaProcessor.from_pretrained(str(checkpoint))
+    image_processor = training_image_processor(processor.image_processor, aspect_ratio)
+    if image_processor is not processor.image_processor:
+        processor.image_processor = image_processor
+        processor.save_pretrained(str(checkpoint))
 
 
 def save_checkpoint(model, processor, out, overwrite: bool = False, metadata=None) -> None:

@@ -1,6 +1,6 @@
-"""Inference on moetool checkpoints (dense and sparse): loading, images shaped as in training,
-prompts in the checkpoint's chat template, batched greedy answers. Used by ``moetool predict``
-and the lmms-eval plugin."""
+"""Inference on moetool checkpoints (dense and sparse): loading, with the processor that shapes
+images as training did; prompts in the checkpoint's chat template; batched greedy answers. Used
+by ``moetool predict``, routing capture and the lmms-eval plugin."""
 
 from __future__ import annotations
 
@@ -12,11 +12,16 @@ from moetool.data.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 
 
 def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """(model, processor) of a moetool checkpoint, through transformers' Auto classes."""
+    """(model, processor) of a moetool checkpoint, through transformers' Auto classes. The
+    processor shapes images as training did: the checkpoint's own, which does so by itself
+    for every checkpoint moetool now writes; one written before processors carried the
+    padding (a CLIP/SigLIP processor, a pad-trained recipe) is given the padding here."""
     import torch
     import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from moetool.data.preprocess import training_image_processor
+    from moetool.models.build import checkpoint_aspect_ratio
     from moetool.models.registration import register
 
     register()  # the sparse model type, for the Auto classes
@@ -25,27 +30,20 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
+    aspect_ratio = checkpoint_aspect_ratio(model.config.to_dict())
+    if aspect_ratio is not None:
+        processor.image_processor = training_image_processor(
+            processor.image_processor, aspect_ratio
+        )
     return model.to(device).eval(), processor
 
 
 def training_aspect_ratio(config) -> str:
     """How the checkpoint's last training stage shaped images ("pad" or "resize")."""
-    meta = getattr(config, "moetool", None) or {}
-    stages = (meta.get("recipe") or {}).get("stages") or {}
-    stage = stages.get(meta.get("stage")) or {}
-    return stage.get("image_aspect_ratio", "pad")
+    from moetool.models.build import checkpoint_aspect_ratio
 
-
-def prepare_image(image, processor, aspect_ratio: str):
-    """The image as training saw it: padded to a square with the processor's mean colour, or
-    left for the processor to resize."""
-    from moetool.data.preprocess import expand_to_square
-
-    image = image.convert("RGB")
-    if aspect_ratio == "pad":
-        mean = processor.image_processor.image_mean
-        image = expand_to_square(image, tuple(int(255 * m) for m in mean))
-    return image
+    meta = getattr(config, "moetool", None)
+    return checkpoint_aspect_ratio({"moetool": meta if isinstance(meta, dict) else {}}) or "pad"
 
 
 def build_prompt(tokenizer, question: str, images: int) -> str:
@@ -73,13 +71,13 @@ def answer(
     generate_kwargs: dict | None = None,
 ) -> list[str]:
     """Greedy answers (KV cache) to ``questions``, the i-th about the PIL images ``images[i]``
-    (any number, none for text only), shaped as the checkpoint's last training stage did.
+    (any number, none for text only), shaped by the processor of ``load_checkpoint``.
     ``generate_kwargs`` go to ``model.generate`` as well (e.g. ``min_new_tokens``)."""
     import torch
 
     tokenizer = processor.tokenizer
-    aspect_ratio = training_aspect_ratio(model.config)
-    flat = [prepare_image(im, processor, aspect_ratio) for ims in images for im in ims]
+    # The processor shapes them as training did (load_checkpoint).
+    flat = [im.convert("RGB") for ims in images for im in ims]
     prompts = [
         build_prompt(tokenizer, q, len(ims)) for q, ims in zip(questions, images, strict=True)
     ]

@@ -141,12 +141,7 @@ def capture_from_eval_data(
     from datasets import load_from_disk
 
     from moetool.eval.tasks import get_lmms_task
-    from moetool.models.inference import (
-        build_prompt,
-        load_checkpoint,
-        prepare_image,
-        training_aspect_ratio,
-    )
+    from moetool.models.inference import build_prompt, load_checkpoint
 
     try:
         spec = get_lmms_task(task)
@@ -159,8 +154,7 @@ def capture_from_eval_data(
     rows = load_from_disk(str(path))[split]
     if limit:
         rows = rows.select(range(min(limit, len(rows))))
-    model, processor = load_checkpoint(checkpoint)
-    aspect_ratio = training_aspect_ratio(model.config)
+    model, processor = load_checkpoint(checkpoint)  # its processor pads/resizes as trained
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -168,7 +162,7 @@ def capture_from_eval_data(
         for i, question in enumerate(chunk["question"]):
             options = [f"{o}. {chunk[o][i]}" for o in "ABCD" if o in chunk and chunk[o][i]]
             questions.append("\n".join([question, *options]))
-        images = [prepare_image(image, processor, aspect_ratio) for image in chunk["image"]]
+        images = [image.convert("RGB") for image in chunk["image"]]
         prompts = [build_prompt(processor.tokenizer, q, 1) for q in questions]
         batches.append(
             dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))

@@ -230,6 +230,8 @@ def run_stage(
         stage.max_length,
         stage.image_aspect_ratio,
     )
+    # The stage's checkpoint carries the image processor its samples went through.
+    processor.image_processor = preprocessor.image_processor
     trainable = set_trainable(model, stage.trainable)
     if not trainable:
         raise TrainingError(

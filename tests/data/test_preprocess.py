@@ -1,9 +1,16 @@
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPImageProcessor, SiglipImageProcessor
 
 from moetool.data.llava_json import DataError, Sample
-from moetool.data.preprocess import IGNORE_INDEX, Preprocessor, collate, expand_to_square
+from moetool.data.preprocess import (
+    IGNORE_INDEX,
+    Preprocessor,
+    collate,
+    expand_to_square,
+    training_image_processor,
+)
 from moetool.data.templates import get_template
 from moetool.models.build import build_processor
 from moetool.recipe import load_recipe
@@ -88,3 +95,54 @@ def test_collate_pads_right_and_stacks_images(processor, image):
     assert batch["attention_mask"][1, n:].sum() == 0 and batch["attention_mask"][1, :n].all()
     assert (batch["labels"][1, n:] == IGNORE_INDEX).all()
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def random_image(width, height, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).byte().numpy())
+
+
+TOWERS = {  # the towers' standard processors, as moetool builds them before padding
+    "clip": lambda: CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ),
+    "siglip": lambda: SiglipImageProcessor(size={"height": 32, "width": 32}),
+}
+
+
+@pytest.mark.parametrize("tower", TOWERS)
+@pytest.mark.parametrize("size", [(96, 64), (50, 120), (33, 17), (17, 33), (40, 40)])
+def test_padding_processor_equals_expand_to_square_then_the_towers_processor(tower, size):
+    """LlavaImageProcessor(do_pad) pads as LLaVA's expand2square (the plain reference), with
+    the fill LLaVA uses, tuple(int(255 * m) for m in image_mean), before the same resizing."""
+    base = TOWERS[tower]()
+    image = random_image(*size)
+    padded = training_image_processor(base, "pad")
+    assert type(padded).__name__ == "LlavaImageProcessor" and padded.do_pad
+    fill = tuple(int(255 * m) for m in base.image_mean)
+    reference = base(expand_to_square(image, fill), return_tensors="pt")["pixel_values"]
+    assert torch.equal(padded(image, return_tensors="pt")["pixel_values"], reference)
+    # Saved and loaded as a checkpoint's processor is, it still pads.
+    resize = training_image_processor(padded, "resize")
+    assert not resize.do_pad
+    plain = base(image, return_tensors="pt")["pixel_values"]
+    assert torch.equal(resize(image, return_tensors="pt")["pixel_values"], plain)
+    if size[0] != size[1]:
+        assert not torch.equal(plain, reference)
+
+
+def test_preprocessor_pixels_are_its_image_processors(processor, tmp_path):
+    path = tmp_path / "wide.png"
+    random_image(96, 64).save(path)
+    for ratio in ("pad", "resize"):
+        pre = Preprocessor(processor, get_template("qwen"), 16, 512, ratio)
+        assert bool(pre.image_processor.do_pad) == (ratio == "pad")
+        expected = pre.image_processor(Image.open(path).convert("RGB"), return_tensors="pt")
+        assert torch.equal(pre.encode(sample(path))["pixel_values"], expected["pixel_values"])
+
+
+def test_unknown_image_processor_and_aspect_ratio_are_refused(processor):
+    with pytest.raises(ValueError, match="expected 'pad' or 'resize'"):
+        training_image_processor(processor.image_processor, "crop")
+    with pytest.raises(ValueError, match="image processor object"):
+        training_image_processor(object(), "pad")

@@ -2,22 +2,8 @@
 
 import types
 
-from PIL import Image
-
-from moetool.eval.lmms_model import build_prompt, prepare_image, training_aspect_ratio
-from moetool.models.build import build_processor
-from moetool.recipe import load_recipe
-from moetool.recipe.paths import recipes_root
+from moetool.eval.lmms_model import build_prompt, training_aspect_ratio
 from moetool.tiny import build_tokenizer
-
-
-def test_images_are_padded_like_training():
-    recipe = load_recipe(recipes_root() / "tiny/llama.toml")
-    processor = build_processor(recipe.vision, build_tokenizer(512, "llama3"))
-    wide = Image.new("RGB", (60, 20), (255, 0, 0))
-    padded = prepare_image(wide, processor, "pad")
-    assert padded.size == (60, 60) and padded.getpixel((0, 0)) != (255, 0, 0)
-    assert prepare_image(wide, processor, "resize").size == (60, 20)
 
 
 def test_aspect_ratio_comes_from_the_last_trained_stage():

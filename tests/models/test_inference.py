@@ -52,3 +52,35 @@ def test_transformers_pipeline_runs_on_a_moetool_checkpoint(tmp_path):
     parts[0]["image"] = image
     out = pipe(text=[{"role": "user", "content": parts}], max_new_tokens=3)
     assert out[0]["generated_text"][-1]["role"] == "assistant"
+
+
+def _pixels(processor, image):
+    return processor.image_processor(image, return_tensors="pt")["pixel_values"]
+
+
+def test_load_checkpoint_shapes_images_as_the_checkpoint_was_trained(tmp_path):
+    """An old checkpoint (a CLIP processor that crops, a pad-trained recipe) is padded; a
+    resize-trained one is not; one moetool did not write keeps its processor as shipped."""
+    from transformers import CLIPImageProcessor
+
+    from moetool.data.preprocess import expand_to_square
+    from moetool.models.build import save_checkpoint
+    from moetool.models.inference import load_checkpoint
+
+    recipe = preset_recipe("tiny-qwen2")
+    model, processor = build_random_lvlm(recipe)
+    clip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.image_processor = clip
+    wide = Image.new("RGB", (96, 64), (200, 10, 10))
+    fill = tuple(int(255 * m) for m in clip.image_mean)
+    padded, cropped = _pixels(processor, expand_to_square(wide, fill)), _pixels(processor, wide)
+    assert not torch.equal(padded, cropped)
+    for ratio, expected in (("pad", padded), ("resize", cropped), (None, cropped)):
+        meta = None
+        if ratio is not None:
+            stages = {"instruct": {"image_aspect_ratio": ratio}}
+            meta = {"stage": "instruct", "recipe": {"stages": stages}}
+        save_checkpoint(model, processor, tmp_path / str(ratio), metadata=meta)
+        _, loaded = load_checkpoint(tmp_path / str(ratio))
+        assert torch.equal(_pixels(loaded, wide), expected), ratio
+        model.config.moetool = None
