@@ -363,3 +363,40 @@ def test_bad_input_is_one_error_line_and_exit_2(data, args, message):
     proc = data_check("tiny/llama", *where(data), *args)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def labels_reference(ids, offsets, spans):
+    """The plain rule: a token is trained on when its characters overlap any trained span."""
+    return [
+        token if end > start and any(start < b and end > a for a, b in spans) else -100
+        for token, (start, end) in zip(ids, offsets, strict=True)
+    ]
+
+
+def test_one_pass_labels_equal_the_plain_rule(world):
+    import random
+
+    from moetool.data.preprocess import label_tokens
+
+    _, _, pre = world
+    rng = random.Random(0)
+    for _ in range(300):
+        text_length = rng.randint(0, 60)
+        cuts = sorted(
+            rng.sample(range(text_length + 1), k=2 * min(rng.randint(0, 4), (text_length + 1) // 2))
+        )
+        spans = list(zip(cuts[::2], cuts[1::2], strict=True))
+        offsets, position = [], 0
+        while position < text_length:
+            step = rng.randint(0, 4)  # empty tokens (step 0) carry no label
+            offsets.append((position, min(text_length, position + step)))
+            position += max(step, 1)
+        ids = list(range(len(offsets)))
+        assert label_tokens(ids, offsets, spans) == labels_reference(ids, offsets, spans)
+    text, spans = pre.template.render(
+        [("human", "<image>\nWhat?"), ("gpt", "Red."), ("human", "And?"), ("gpt", "Blue.")]
+    )
+    enc = pre.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    assert label_tokens(ids, offsets, spans) == labels_reference(ids, offsets, spans)
+    assert sum(label != -100 for label in label_tokens(ids, offsets, spans)) > 2
