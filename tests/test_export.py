@@ -195,3 +195,86 @@ def test_export_command_json_and_error_line(exported, tmp_path):
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
     assert "Traceback" not in bad.stderr and not (tmp_path / "o2").exists()
+
+
+# Served = trained: a plain AutoProcessor of the export shapes non-square images as training did.
+PROCESSOR_NATIVE = """
+import json, sys
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+root = sys.argv[1]
+images = [Image.open(f"{root}/{n}.png") for n in ("wide", "tall")]
+texts = ["<image>\\nWhat is red here?", "<image>\\nHow many shapes are there in it?"]
+out = {}
+for ratio in ("pad", "resize"):
+    path = f"{root}/{ratio}/native"
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    with torch.no_grad():
+        out[f"{ratio}.logits"] = model(**batch).logits
+    out[f"{ratio}.pixel_values"] = batch["pixel_values"]
+    out[f"{ratio}.input_ids"] = batch["input_ids"]
+assert not any(m.startswith("moetool") for m in sys.modules), "moetool was imported"
+save_file({k: v.contiguous() for k, v in out.items()}, f"{root}/native.safetensors")
+"""
+
+
+def test_exported_processor_reproduces_training_for_non_square_images(tmp_path):
+    """Dense checkpoints trained with pad and with resize, saved with the CLIP processor older
+    moetool wrote (resize + centre crop), upcycled and exported: the export through a plain
+    AutoProcessor + AutoModelForImageTextToText gives moetool's logits for 96x64 and 50x120
+    images, and the pad export's pixels are the padded ones."""
+    from PIL import Image
+    from transformers import AutoProcessor, CLIPImageProcessor
+
+    from moetool.models.inference import load_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    images = []
+    for name, (w, h) in (("wide", (96, 64)), ("tall", (50, 120))):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        images.append(Image.open(tmp_path / f"{name}.png"))
+    recipe = load_recipe(recipes_root() / "tiny/qwen2.toml", ["model.num_layers=4"])
+    model, processor = build_random_lvlm(recipe, seed=3)
+    size = recipe.vision.image_size
+    processor.image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    for ratio in ("pad", "resize"):
+        stages = {"instruct": {"image_aspect_ratio": ratio}}
+        meta = {"stage": "instruct", "recipe": {"stages": stages}}
+        save_checkpoint(model, processor, tmp_path / ratio / "dense", metadata=meta)
+        moe = MoEConfig(num_experts=4, top_k=2, layers="interval", drop_upcycling=0.5)
+        upcycle_checkpoint(tmp_path / ratio / "dense", tmp_path / ratio / "sparse", moe, seed=1)
+        upcycled = AutoProcessor.from_pretrained(tmp_path / ratio / "sparse").image_processor
+        padding = type(upcycled).__name__ == "LlavaImageProcessor" and upcycled.do_pad
+        assert padding == (ratio == "pad")
+        export_checkpoint(tmp_path / ratio / "sparse", tmp_path / ratio / "native")
+    (tmp_path / "native.py").write_text(PROCESSOR_NATIVE)
+    subprocess.run(
+        [sys.executable, str(tmp_path / "native.py"), str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=""),
+        cwd=tmp_path,
+    )
+    native = load_file(tmp_path / "native.safetensors")
+    texts = ["<image>\nWhat is red here?", "<image>\nHow many shapes are there in it?"]
+    for ratio in ("pad", "resize"):
+        sparse, mine = load_checkpoint(tmp_path / ratio / "sparse")
+        batch = mine(images=images, text=texts, return_tensors="pt", padding=True)
+        assert torch.equal(native[f"{ratio}.input_ids"], batch["input_ids"])
+        assert torch.equal(native[f"{ratio}.pixel_values"], batch["pixel_values"])
+        with torch.no_grad():
+            logits = sparse(**batch).logits
+        torch.testing.assert_close(native[f"{ratio}.logits"], logits, atol=1e-4, rtol=0)
+    assert not torch.equal(native["pad.pixel_values"], native["resize.pixel_values"])
+    # The padded pixels: the mean colour at the wide image's top edge (normalised to ~0).
+    assert native["pad.pixel_values"][0, :, 0, :].abs().max() < 0.02
