@@ -5,8 +5,8 @@ worker processes, on two synthetic sets. Prints JSON.
   structure, turn order and token lengths in the Vicuna-style template at max_length 2048 with
   CLIP-L/336's 576 image tokens (the training encoder, ``Preprocessor.tokenize``/``truncate``).
   The mix follows LLaVA-1.5's Table 7 by source, with turn counts and lengths in words close to
-  each source's: LLaVA-Instruct 158k (1-5 rounds, long answers), ShareGPT 40k (text-only, long),
-  short-answer VQA 332k (VQAv2, GQA, OKVQA, OCR-VQA, A-OKVQA: 1-10 rounds of "Answer the
+  each source's: LLaVA-Instruct 158k (1-4 rounds, long answers), ShareGPT 40k (text-only, long),
+  short-answer VQA 332k (VQAv2, GQA, OKVQA, OCR-VQA, A-OKVQA: 1-8 rounds of "Answer the
   question using a single word or phrase."), TextCaps 22k, RefCOCO + VG 134k (region boxes and
   descriptions). Its images point at a pool of 64 small JPEGs, so this phase measures the text.
 - ``decode``: ``--images`` (default 300) distinct 640x480 JPEGs (noise over gradients, quality
@@ -29,23 +29,98 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = (
-    "the a of and to in is on with for that this it at as by from image picture shows man woman "
-    "person people red green blue white black small large left right near far behind front top "
-    "bottom table chair street car bus tree sky water dog cat bird sign building window door "
-    "road grass field plate food pizza kitchen room wall light shadow background what where how "
-    "many which colour color there are wearing holding sitting standing looking"
-).split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "on",
+    "with",
+    "for",
+    "that",
+    "this",
+    "it",
+    "at",
+    "as",
+    "by",
+    "from",
+    "image",
+    "picture",
+    "shows",
+    "man",
+    "woman",
+    "person",
+    "people",
+    "red",
+    "green",
+    "blue",
+    "white",
+    "black",
+    "small",
+    "large",
+    "left",
+    "right",
+    "near",
+    "far",
+    "behind",
+    "front",
+    "top",
+    "bottom",
+    "table",
+    "chair",
+    "street",
+    "car",
+    "bus",
+    "tree",
+    "sky",
+    "water",
+    "dog",
+    "cat",
+    "bird",
+    "sign",
+    "building",
+    "window",
+    "door",
+    "road",
+    "grass",
+    "field",
+    "plate",
+    "food",
+    "pizza",
+    "kitchen",
+    "room",
+    "wall",
+    "light",
+    "shadow",
+    "background",
+    "what",
+    "where",
+    "how",
+    "many",
+    "which",
+    "colour",
+    "color",
+    "there",
+    "are",
+    "wearing",
+    "holding",
+    "sitting",
+    "standing",
+    "looking",
+]
 SHORT = "Answer the question using a single word or phrase."
 IMAGE_TOKENS = 576  # CLIP-L/336: (336 / 14) ** 2
 MAX_LENGTH = 2048
 # (source, samples of 665k, has image, rounds, question words, answer words)
 MIX = (
-    ("llava_instruct", 158_000, True, (1, 5), (8, 25), (30, 200)),
-    ("sharegpt", 40_000, False, (1, 6), (10, 150), (50, 400)),
-    ("vqa_short", 332_000, True, (1, 10), (5, 15), (1, 3)),
+    ("llava_instruct", 158_000, True, (1, 4), (8, 25), (20, 120)),
+    ("sharegpt", 40_000, False, (1, 4), (10, 120), (50, 250)),
+    ("vqa_short", 332_000, True, (1, 8), (5, 15), (1, 3)),
     ("textcaps", 22_000, True, (1, 1), (6, 10), (8, 20)),
-    ("ref_vg", 113_000, True, (2, 10), (8, 14), (4, 10)),
+    ("ref_vg", 113_000, True, (2, 8), (8, 14), (4, 10)),
 )
 
 
@@ -57,9 +132,11 @@ def mix_samples(count: int, images: list[str], seed: int = 0) -> list[dict]:
     """``count`` samples in LLaVA-mix665k's proportions by source (see the module doc)."""
     rng = random.Random(seed)
     total = sum(m[1] for m in MIX)
+    sizes = [count * m[1] // total for m in MIX]
+    sizes[2] += count - sum(sizes)  # the remainder to the largest source
     rows = []
-    for source, share, has_image, rounds, q_words, a_words in MIX:
-        for i in range(round(count * share / total)):
+    for (source, _, has_image, rounds, q_words, a_words), size in zip(MIX, sizes, strict=True):
+        for i in range(size):
             conversation = []
             for r in range(rng.randint(*rounds)):
                 question = words(rng, q_words) + "?"
@@ -123,9 +200,7 @@ def main() -> None:
         names = write_jpegs(work / "jpeg", args.images, (640, 480), seed=1)
         qa = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "That."}]
         photos = work / "photos.json"
-        photos.write_text(
-            json.dumps([{"id": n, "image": n, "conversations": qa} for n in names])
-        )
+        photos.write_text(json.dumps([{"id": n, "image": n, "conversations": qa} for n in names]))
         results = {}
         setting = {
             "cpu_count": os.cpu_count(),

@@ -152,3 +152,14 @@ def test_data_pipeline_script_prints_its_json():
     assert all(1400 < n <= 2048 for n in data["setting"]["tokens_per_sample"])
     for row in data["results"].values():
         assert 0 <= row["data_wait_share"] < 1 and row["step_seconds_mean"] > 0
+
+
+def test_data_check_script_prints_its_json():
+    data = run_json("data_check.py", "--samples", "200", "--images", "3", "--workers", "1")
+    assert data["setting"]["samples"] == 200 and data["setting"]["images"] == 3
+    # LLaVA-mix665k's proportions: about 6% of the samples are text-only (ShareGPT).
+    assert 5 <= data["setting"]["text_only"] <= 20
+    row = data["results"]["workers=1"]
+    assert row["json_tokens_samples_per_s"] > 0 and row["decode_images_per_s"] > 0
+    # Lengths include CLIP-L/336's 576 image tokens.
+    assert data["setting"]["tokens"]["median"] > 576
