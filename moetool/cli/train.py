@@ -78,6 +78,7 @@ def _run(stage: str, recipe: str, overrides, out, init, resume, overwrite, as_js
                     resume=resume,
                     overwrite=overwrite,
                     on_step=on_step,
+                    on_note=lambda line: console.print(line, style="yellow", markup=False),
                 )
         except (TrainingError, DataError, TemplateError, FileNotFoundError) as err:
             fail(str(err))

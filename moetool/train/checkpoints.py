@@ -222,6 +222,18 @@ def last_good_checkpoint(root: Path) -> str:
     return f"the last good checkpoint is {complete[-1][1]} (--resume continues from it)"
 
 
+def training_plan(engine, world: int) -> dict:
+    """How the stage's global batch was made and which optimizer stepped it (the final
+    checkpoint's ``moetool.training``): per-device batch x world x accumulation."""
+    return {
+        "world_size": world,
+        "per_device_batch_size": engine.train_micro_batch_size_per_gpu(),
+        "gradient_accumulation_steps": engine.gradient_accumulation_steps(),
+        "global_batch_size": engine.train_batch_size(),
+        "optimizer": type(engine.basic_optimizer).__name__,
+    }
+
+
 def save_final(engine, model, processor, recipe, stage_name, out, overwrite, pending=None):
     """The final HF checkpoint, written by rank 0 into a temporary folder and renamed; returns
     the agreed error of every rank when it could not be written (nothing of it is left)."""
@@ -244,6 +256,7 @@ def save_final(engine, model, processor, recipe, stage_name, out, overwrite, pen
                 "version": __version__,
                 "stage": stage_name,
                 "recipe": recipe_to_dict(recipe),
+                "training": training_plan(engine, world),
             }
             get_template(recipe.data.template).attach(processor)
             with atomic_output_dir(out, overwrite) as tmp:

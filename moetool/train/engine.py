@@ -43,29 +43,91 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return factor
 
 
-def deepspeed_config(stage: StageSection, world_size: int) -> dict:
-    per_step = stage.per_device_batch_size * world_size
-    if stage.global_batch_size % per_step:
+def micro_batch_plan(global_batch: int, per_device: int, world: int) -> tuple[int, int]:
+    """The per-device batch and gradient accumulation steps that make ``global_batch`` on
+    ``world`` ranks (per-device x world x accumulation = global): the recipe's ``per_device``
+    when ``per_device x world`` divides the global batch, else the largest smaller per-device
+    batch that does. A ``TrainingError`` only when none exists (``world`` does not divide
+    ``global_batch``), naming the world sizes that do."""
+    if global_batch % world:
+        valid = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
+        lower = global_batch // world * world
+        nearest = f"{lower} or {lower + world}" if lower else str(world)
         raise TrainingError(
-            f"global_batch_size {stage.global_batch_size} is not a multiple of per-device batch "
-            f"{stage.per_device_batch_size} x world size {world_size}"
+            f"global_batch_size {global_batch} cannot be split evenly over {world} ranks: run "
+            f"on a world size that divides it ({', '.join(map(str, valid))}) or set it to a "
+            f"multiple of {world} (e.g. {nearest})"
         )
+    per_rank = global_batch // world  # samples each rank trains on per optimizer step
+    used = max(d for d in range(1, min(per_device, per_rank) + 1) if per_rank % d == 0)
+    return used, per_rank // used
+
+
+def batch_plan_note(stage_name: str, stage: StageSection, world: int) -> str | None:
+    """One line saying how the stage's global batch is made when the recipe's per-device batch
+    had to change for this world size; None when it did not."""
+    used, accumulation = micro_batch_plan(
+        stage.global_batch_size, stage.per_device_batch_size, world
+    )
+    if used == stage.per_device_batch_size:
+        return None
+    return (
+        f"stages.{stage_name}: per_device_batch_size {stage.per_device_batch_size} x {world} "
+        f"ranks does not divide global_batch_size {stage.global_batch_size}; using "
+        f"{used} per device x {world} ranks x {accumulation} accumulation "
+        f"step{'s' if accumulation > 1 else ''} = {stage.global_batch_size}"
+    )
+
+
+def deepspeed_config(stage: StageSection, world_size: int, pin_memory: bool = False) -> dict:
+    """The DeepSpeed config of ``stage`` on ``world_size`` ranks (its micro-batch from
+    ``micro_batch_plan``). With ``offload_optimizer`` the optimizer states live on the CPU,
+    stepped by DeepSpeed's CPU Adam (``build_optimizer``); ``pin_memory`` where CUDA copies
+    them."""
+    per_device, accumulation = micro_batch_plan(
+        stage.global_batch_size, stage.per_device_batch_size, world_size
+    )
     zero: dict = {"stage": stage.zero_stage}
     if stage.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
     return {
         "train_batch_size": stage.global_batch_size,
-        "train_micro_batch_size_per_gpu": stage.per_device_batch_size,
-        "gradient_accumulation_steps": stage.global_batch_size // per_step,
+        "train_micro_batch_size_per_gpu": per_device,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": stage.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": stage.precision == "bf16"},
         "fp16": {"enabled": stage.precision == "fp16"},
-        "zero_force_ds_cpu_optimizer": False,  # our torch AdamW also runs on offloaded states
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's AdamW defaults, as the official scripts
+
+
+def build_optimizer(stage: StageSection, params: list):
+    """AdamW over ``params`` with the stage's lr and weight decay: torch's, or with
+    ``offload_optimizer`` DeepSpeed's vectorised CPU Adam (AdamW mode), which steps the
+    offloaded fp32 states on the CPU (JIT-built on first use, cached under
+    ~/.cache/torch_extensions)."""
+    import torch
+
+    if stage.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(
+            params,
+            lr=stage.lr,
+            betas=ADAM_BETAS,
+            eps=ADAM_EPS,
+            weight_decay=stage.weight_decay,
+            adamw_mode=True,
+        )
+    return torch.optim.AdamW(
+        params, lr=stage.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=stage.weight_decay
+    )
 
 
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -32,9 +32,12 @@ from moetool.train.checkpoints import (
 )
 from moetool.train.engine import (
     TrainingError,
+    batch_plan_note,
+    build_optimizer,
     deepspeed_config,
     enable_activation_checkpointing,
     lr_lambda,
+    micro_batch_plan,
     partitioned_loading,
 )
 from moetool.train.ranks import (
@@ -153,6 +156,10 @@ def _plan_stage(
     if missing:
         raise TrainingError(f"stage {stage_name}: no such data file {', '.join(missing)}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:  # the global batch is the recipe's promise: refused only when no per-device batch keeps it
+        micro_batch_plan(stage.global_batch_size, stage.per_device_batch_size, world_size)
+    except TrainingError as err:
+        raise TrainingError(f"stages.{stage_name}.{err}") from None
     run = checkpoints.fingerprint(recipe_to_dict(recipe), stage_name, data_files, world_size, init)
     resume_from = resume_point(state / "checkpoints", run) if resume else None
     return _StagePlan(stage, out, state, init, data_files, image_folder, run, resume_from)
@@ -168,12 +175,14 @@ def run_stage(
     recipe_dir: str | Path = ".",
     on_step: Callable[[StepMetrics], None] | None = None,
     stop_after: int | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> StageResult:
     """Train one stage of ``recipe``; writes ``run_dir/<stage>`` (HF checkpoint) and
     ``run_dir/<stage>-state`` (DeepSpeed checkpoints, metrics.jsonl).
 
     ``stop_after`` ends the process's work after that many optimizer steps without writing the
-    final checkpoint (a deliberate interruption, for resume tests)."""
+    final checkpoint (a deliberate interruption, for resume tests). ``on_note`` gets, on rank 0,
+    a line at the start when the recipe's per-device batch changes for this world size."""
     run_dir = Path(run_dir)
     plan = _plan_stage(recipe, stage_name, run_dir, init, resume, overwrite, recipe_dir)
     stage, out, state = plan.stage, plan.out, plan.state
@@ -201,7 +210,10 @@ def run_stage(
                 dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
             )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    ds_config = deepspeed_config(stage, world)
+    ds_config = deepspeed_config(stage, world, pin_memory=torch.cuda.is_available())
+    note = batch_plan_note(stage_name, stage, world)
+    if note and rank == 0 and on_note is not None:
+        on_note(note)
     torch.manual_seed(stage.seed)
     samples, parse_skipped = load_llava_json(
         plan.data_files, plan.image_folder, recipe.data.skip_bad_samples
@@ -254,7 +266,7 @@ def run_stage(
         total_steps = min(total_steps, stage.max_steps)
     warmup = math.ceil(stage.warmup_ratio * total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    optimizer = build_optimizer(stage, params)  # DeepSpeed's CPU Adam with offload_optimizer
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(stage.lr_schedule, warmup, total_steps)
     )
@@ -280,7 +292,7 @@ def run_stage(
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sampler = StageBatchSampler(
         samples,
-        stage.per_device_batch_size,
+        ds_config["train_micro_batch_size_per_gpu"],  # micro_batch_plan's, maybe not the recipe's
         rank,
         world,
         stage.seed,
