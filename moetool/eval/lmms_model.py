@@ -10,7 +10,7 @@ import torch
 from lmms_eval import utils
 from lmms_eval.api.model import lmms
 
-from moetool.eval.runner import EVAL_DTYPES
+from moetool.eval.tasks import EVAL_DTYPES
 from moetool.models.inference import (  # noqa: F401  (re-exported for lmms-eval users)
     answer,
     build_prompt,

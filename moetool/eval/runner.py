@@ -12,12 +12,11 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moetool.eval.tasks import LMMS_TASKS, TASKS, get_task, splits, task_overrides
+from moetool.eval.tasks import EVAL_DTYPES, LMMS_TASKS, TASKS, get_task, splits, task_overrides
 from moetool.io import UnsafeOverwriteError, check_overwrite
 from moetool.paper import BenchmarkFigures
 
 # `--dtype` -> the torch dtype the model is loaded in.
-EVAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class EvalError(ValueError):

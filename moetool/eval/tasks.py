@@ -11,6 +11,9 @@ from pathlib import Path
 
 from moetool.paper import PAPER_SPLITS
 
+# `moetool eval --dtype`: the name on the command line and the torch dtype it loads in.
+EVAL_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
 # Columns each dataset's lmms-eval hooks read.
 _POPE_COLUMNS = ("image", "question", "answer", "question_id")
 _POPE_METRICS = ("pope_accuracy", "pope_f1_score", "pope_yes_ratio")
