@@ -50,7 +50,8 @@ def prepare_tokenizer(path: Path, template_name: str):
 
 def build_converted_processor(vision_config, tokenizer, strategy: str, vision_dir: Path | None):
     """LLaVA processor: the tower's image processor (from ``vision_dir`` when it has a
-    ``preprocessor_config.json``, else the tower's standard one) and the tokenizer."""
+    ``preprocessor_config.json``, else the tower's standard one), padding to a square as the
+    official training did (``image_aspect_ratio = pad``), and the tokenizer."""
     from transformers import AutoImageProcessor
 
     from moetool.models.build import llava_processor

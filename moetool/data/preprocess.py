@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moetool.data.image_processing import training_image_processor
 from moetool.data.llava_json import DataError, Sample
 from moetool.data.templates import IMAGE_PLACEHOLDER, Template
 
@@ -45,46 +46,6 @@ def decode_image(path):
         raise DataError(f"image {path} is too large ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken files
         raise DataError(f"image {path} is unreadable ({err})") from None
-
-
-# Image processors whose resize/crop/normalise settings carry over into a LlavaImageProcessor
-# (any backend: a checkpoint's type name loads the default backend through AutoImageProcessor).
-_IMAGE_PROCESSORS = {
-    f"{name}{backend}"
-    for name in ("CLIPImageProcessor", "SiglipImageProcessor", "LlavaImageProcessor")
-    for backend in ("", "Fast", "Pil")
-}
-
-
-def training_image_processor(image_processor, aspect_ratio: str):
-    """``image_processor`` as a stage with ``image_aspect_ratio = aspect_ratio`` shapes images,
-    by itself (so that a plain ``AutoProcessor`` of the checkpoint sees the pixels training
-    saw). "pad": a ``LlavaImageProcessor`` with ``do_pad`` — padded to a square with the mean
-    colour, ``tuple(int(255 * m) for m in image_mean)`` as LLaVA's ``expand2square``, then the
-    same resize, crop and normalisation; "resize": the same without the padding. Returned as is
-    when it already does that."""
-    from transformers import LlavaImageProcessor
-
-    if aspect_ratio not in ("pad", "resize"):
-        raise ValueError(f"image_aspect_ratio {aspect_ratio!r}: expected 'pad' or 'resize'")
-    name = type(image_processor).__name__
-    if name not in _IMAGE_PROCESSORS:
-        raise ValueError(
-            f"image processor {name}: moetool shapes images with one of "
-            f"{', '.join(sorted(_IMAGE_PROCESSORS))}"
-        )
-    pad = aspect_ratio == "pad"
-    if bool(getattr(image_processor, "do_pad", False)) == pad and (
-        name == "LlavaImageProcessor" or not pad
-    ):
-        return image_processor
-    settings = {
-        k: v
-        for k, v in image_processor.to_dict().items()
-        if k not in ("image_processor_type", "processor_class", "do_pad")
-    }
-    settings["do_center_crop"] = bool(settings.get("do_center_crop"))  # SigLIP: no crop
-    return LlavaImageProcessor(**settings, do_pad=pad)
 
 
 def label_tokens(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:

@@ -83,7 +83,7 @@ def llava_processor(
     CLS token that the default feature strategy drops; SigLIP has none."""
     from transformers import CLIPImageProcessor, LlavaProcessor, SiglipImageProcessor
 
-    from moetool.data.preprocess import training_image_processor
+    from moetool.data.image_processing import training_image_processor
 
     clip = tower == "clip"
     if image_processor is None and clip:
@@ -124,21 +124,29 @@ def checkpoint_aspect_ratio(config: dict) -> str | None:
 
 
 def carry_training_processor(checkpoint, aspect_ratio: str | None) -> None:
-    """Re-save the LLaVA processor of ``checkpoint`` (a directory) so that its image processor
-    shapes images as ``aspect_ratio`` did in training, by itself; no change when it already
-    does or when ``aspect_ratio`` is None. For upcycle and export, whose outputs copy the
-    processor of a checkpoint possibly written before processors carried the padding."""
-    from transformers import LlavaProcessor
+    """Rewrite the image processor config of ``checkpoint`` (a directory) so that it shapes
+    images as ``aspect_ratio`` did in training, by itself; no change when it already does or
+    when ``aspect_ratio`` is None. For upcycle and export, whose outputs copy the processor of
+    a checkpoint possibly written before processors carried the padding. JSON only (no torch:
+    the streaming upcycle never imports it)."""
+    import json
+    from pathlib import Path
 
-    from moetool.data.preprocess import training_image_processor
+    from moetool.data.image_processing import training_settings
 
     if aspect_ratio is None:
         return
-    processor = LlavaProcessor.from_pretrained(str(checkpoint))
-    image_processor = training_image_processor(processor.image_processor, aspect_ratio)
-    if image_processor is not processor.image_processor:
-        processor.image_processor = image_processor
-        processor.save_pretrained(str(checkpoint))
+    nested = Path(checkpoint) / "processor_config.json"  # transformers 5: inside the processor's
+    flat = Path(checkpoint) / "preprocessor_config.json"
+    if nested.is_file() and "image_processor" in (data := json.loads(nested.read_text())):
+        new = training_settings(data["image_processor"], aspect_ratio)
+        if new is not None:
+            data["image_processor"] = new
+            nested.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    elif flat.is_file():
+        new = training_settings(json.loads(flat.read_text()), aspect_ratio)
+        if new is not None:
+            flat.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
 
 
 def save_checkpoint(model, processor, out, overwrite: bool = False, metadata=None) -> None:

@@ -20,7 +20,7 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu
     import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from moetool.data.preprocess import training_image_processor
+    from moetool.data.image_processing import training_image_processor
     from moetool.models.build import checkpoint_aspect_ratio
     from moetool.models.registration import register
 
