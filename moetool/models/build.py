@@ -1,4 +1,4 @@
-"""The LVLM from transformers parts, in the LLaVA-1.5 layout (shared/DESIGN.md "The model").
+"""The LVLM from transformers parts, in the LLaVA-1.5 layout (docs/architecture.md).
 
 torch and transformers are imported inside the functions, so that importing moetool (and
 running commands that need neither) stays fast.
