@@ -163,3 +163,26 @@ def test_data_check_script_prints_its_json():
     assert row["json_tokens_samples_per_s"] > 0 and row["decode_images_per_s"] > 0
     # Lengths include CLIP-L/336's 576 image tokens.
     assert data["setting"]["tokens"]["median"] > 576
+
+
+@pytest.mark.integration  # builds DeepSpeed's cpu_adam op on first use (1-2 minutes)
+def test_offload_step_script_prints_its_json():
+    data = run_json(
+        "offload_step.py", *("--hidden", "64", "--layers", "1", "--ffn", "128"),
+        *("--vocab", "256", "--seq", "16", "--steps", "2"),
+    )  # fmt: skip
+    results = data["results"]
+    assert {name: r["optimizer"] for name, r in results.items()} == {
+        "torch_adamw": "AdamW",
+        "deepspeed_cpu_adam": "DeepSpeedCPUAdam",
+    }
+    # The same start, data and updates: the same losses step after step.
+    torch_losses, ds_losses = (results[n]["losses"] for n in ("torch_adamw", "deepspeed_cpu_adam"))
+    assert len(torch_losses) == 3 and torch_losses[-1] < torch_losses[0]
+    assert ds_losses == pytest.approx(torch_losses, abs=1e-5)
+    for r in results.values():
+        assert 0 < r["optimizer_step_seconds_median"] < r["step_seconds_median"]
+    assert data["step_ratio_torch_over_cpu_adam"] == pytest.approx(
+        results["torch_adamw"]["step_seconds_median"]
+        / results["deepspeed_cpu_adam"]["step_seconds_median"]
+    )
