@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from moetool.data.llava_json import DataError, Sample
-from moetool.data.preprocess import collate
+from moetool.data.preprocess import collate, collate_packed
 
 
 @dataclass(frozen=True)
@@ -167,16 +167,27 @@ class StageBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield order[first : first + self.micro_batch]
 
 
-class Collate:
-    """Pads the good items of a micro-batch (``collate``); bad ones are handed on by name."""
+def batch_tokens(batch: dict) -> int:
+    """The real (not padding) tokens of a collated micro-batch: a packed one has no padding."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+
+class Collate:
+    """Pads (``collate``) or packs (``collate_packed``) the good items of a micro-batch; bad
+    ones are handed on by name."""
+
+    def __init__(self, pad_token_id: int, packing: bool = False):
+        self.pad_token_id, self.packing = pad_token_id, packing
+
+    def batch(self, good: list[dict]) -> dict:
+        return collate_packed(good) if self.packing else collate(good, self.pad_token_id)
 
     def __call__(self, items: list) -> tuple[dict | None, list[BadSample]]:
         bad = [x for x in items if isinstance(x, BadSample)]
         good = [x for x in items if not isinstance(x, BadSample)]
-        return (collate(good, self.pad_token_id) if good else None), bad
+        return (self.batch(good) if good else None), bad
 
 
 def make_loader(
@@ -185,15 +196,17 @@ def make_loader(
     pad_token_id: int,
     num_workers: int,
     pin_memory: bool = False,
+    packing: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """``DataLoader`` over ``sampler``'s micro-batches: ``num_workers`` worker processes that
-    stay alive across epochs and prefetch two micro-batches each (0 = in this process)."""
+    """``DataLoader`` over ``sampler``'s micro-batches, padded or (``packing``) packed:
+    ``num_workers`` worker processes that stay alive across epochs and prefetch two
+    micro-batches each (0 = in this process)."""
     extra = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=Collate(pad_token_id),
+        collate_fn=Collate(pad_token_id, packing),
         pin_memory=pin_memory,
         **extra,
     )

@@ -1,6 +1,6 @@
 """Samples -> model inputs: images padded or resized, conversations rendered with a template,
 ``<image>`` expanded to the tower's token count, labels masked except assistant turns (Eq. 8),
-truncation, and batch collation."""
+truncation, and batch collation (padded, or packed without padding)."""
 
 from __future__ import annotations
 
@@ -154,6 +154,28 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
         n = len(x["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = x["input_ids"], x["labels"], 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pixels = [x["pixel_values"] for x in batch if "pixel_values" in x]
+    if pixels:
+        out["pixel_values"] = torch.cat(pixels)
+    return out
+
+
+def collate_packed(batch: list[dict]) -> dict:
+    """Pack a batch without padding (``packing = true``): the samples laid end to end in one
+    row of ``(1, total tokens)``, never split; ``position_ids`` restart at 0 for each sample, so
+    that transformers' attention keeps each sample to itself (a block-diagonal mask for
+    sdpa/eager/flex, varlen kernels for flash attention: both derived from the position ids
+    when there is no attention mask); each sample's first label is masked, so no label is
+    predicted across a boundary (the padded form never predicts a first token either); pixel
+    values of every image in sample order, as ``collate``. The loss, gradients and router
+    losses equal those of ``collate`` on the same samples."""
+    ids = torch.cat([x["input_ids"] for x in batch])
+    labels = torch.cat([x["labels"] for x in batch])
+    lengths = [len(x["input_ids"]) for x in batch]
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    labels[starts] = IGNORE_INDEX
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    out = {"input_ids": ids[None], "labels": labels[None], "position_ids": positions[None]}
     pixels = [x["pixel_values"] for x in batch if "pixel_values" in x]
     if pixels:
         out["pixel_values"] = torch.cat(pixels)

@@ -110,6 +110,9 @@ class StageSection:
     # Batches of one modality (image-text or text-only) and similar lengths, as the official
     # stage II/III scripts (LLaVA's group_by_modality_length).
     group_by_modality_length: bool = False
+    # Padding-free micro-batches: the micro-batch's samples laid end to end in one row, position
+    # ids restarting per sample, attention kept inside each sample (data/preprocess.py).
+    packing: bool = False
     seed: int = 42
 
     def problems(self) -> list[Problem]:

@@ -251,7 +251,7 @@ def save_final(engine, model, processor, recipe, stage_name, out, overwrite, pen
     if rank == 0 and problem is None:
         try:
             check_free_space(out.parent, sum(t.nbytes for t in state_dict.values()))
-            model.config.use_cache = True
+            model.config.use_cache = model.config.get_text_config().use_cache = True
             model.config.moetool = {
                 "version": __version__,
                 "stage": stage_name,

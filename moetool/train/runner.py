@@ -193,14 +193,16 @@ def run_stage(
 
     from moetool.data.llava_json import load_llava_json
     from moetool.data.pipeline import (
+        Collate,
         EncodedDataset,
         StageBatchSampler,
         first_good,
         make_loader,
         reason_of,
     )
-    from moetool.data.preprocess import Preprocessor, collate
+    from moetool.data.preprocess import Preprocessor
     from moetool.data.templates import get_template
+    from moetool.models.packed_attention import use_packed_sdpa
     from moetool.models.parts import set_trainable
 
     if not torch.distributed.is_initialized():
@@ -244,6 +246,8 @@ def run_stage(
     )
     # The stage's checkpoint carries the image processor its samples went through.
     processor.image_processor = preprocessor.image_processor
+    if stage.packing:  # each sample's attention on its own, not the whole packed row
+        use_packed_sdpa(model)
     trainable = set_trainable(model, stage.trainable)
     if not trainable:
         raise TrainingError(
@@ -252,7 +256,9 @@ def run_stage(
         )
     if stage.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    model.config.use_cache = False
+    # No KV cache in training: the language model reads its own config's flag, and with a
+    # cache transformers ignores packed position ids (samples would attend to each other).
+    model.config.use_cache = model.config.get_text_config().use_cache = False
 
     micro_steps = ds_config["gradient_accumulation_steps"]
     steps_per_epoch = len(samples) // stage.global_batch_size
@@ -306,14 +312,16 @@ def run_stage(
         processor.tokenizer.pad_token_id,
         recipe.data.num_workers,
         pin_memory=torch.cuda.is_available(),
+        packing=stage.packing,
     )
+    collator = Collate(processor.tokenizer.pad_token_id, stage.packing)
 
     def stand_in(micro_step: int) -> dict | None:
         """A good micro-batch for the zero-weight pass of a rank that has met none yet: the
         first sample that encodes from its micro-batch ``micro_step`` of the epoch on (the
         sampler's order is untouched); ``None`` when no sample of the stage is good."""
         item = first_good(dataset, sampler.lookahead(sampler.epoch, micro_step))
-        return None if item is None else collate([item], processor.tokenizer.pad_token_id)
+        return None if item is None else collator.batch([item])
 
     skip_bad = recipe.data.skip_bad_samples
     skipped: Counter[str] = Counter()
@@ -435,6 +443,8 @@ def _optimizer_step(
     stops every rank too. Returns the step's totals and the new ``last_good``."""
     import torch
 
+    from moetool.data.pipeline import batch_tokens
+
     totals = _StepTotals()
     for micro in range(first_micro, first_micro + micro_steps):
         batch, bad = next(batches)
@@ -459,7 +469,7 @@ def _optimizer_step(
             fail(failed)
         if weight:
             last_good = batch
-            totals.tokens += int(batch["attention_mask"].sum())
+            totals.tokens += batch_tokens(batch)
         batch = {k: v.to(engine.device) for k, v in batch.items()}
         outputs = engine(**batch)
         loss = outputs.loss

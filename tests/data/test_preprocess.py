@@ -8,6 +8,7 @@ from moetool.data.preprocess import (
     IGNORE_INDEX,
     Preprocessor,
     collate,
+    collate_packed,
     expand_to_square,
     training_image_processor,
 )
@@ -95,6 +96,30 @@ def test_collate_pads_right_and_stacks_images(processor, image):
     assert batch["attention_mask"][1, n:].sum() == 0 and batch["attention_mask"][1, :n].all()
     assert (batch["labels"][1, n:] == IGNORE_INDEX).all()
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_collate_packed_lays_samples_end_to_end_without_padding(processor, image):
+    pre = Preprocessor(processor, get_template("qwen"), 16, 512)
+    items = [pre.encode(sample(image)), pre.encode(sample()), pre.encode(sample(image))]
+    items[2]["pixel_values"] = items[2]["pixel_values"] + 1.0  # tell the two images apart
+    lengths = [len(x["input_ids"]) for x in items]
+    labels_before = [x["labels"].clone() for x in items]
+    batch = collate_packed(items)
+    assert set(batch) == {"input_ids", "labels", "position_ids", "pixel_values"}
+    assert batch["input_ids"].shape == batch["position_ids"].shape == (1, sum(lengths))
+    assert torch.equal(batch["input_ids"][0], torch.cat([x["input_ids"] for x in items]))
+    start = 0
+    for x, n in zip(items, lengths, strict=True):
+        # positions restart at every sample; its first label is masked, the others kept
+        assert batch["position_ids"][0, start : start + n].tolist() == list(range(n))
+        assert batch["labels"][0, start] == IGNORE_INDEX
+        assert torch.equal(batch["labels"][0, start + 1 : start + n], x["labels"][1:])
+        start += n
+    # images in sample order (the text-only sample adds none); the inputs are not modified
+    assert torch.equal(
+        batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]])
+    )
+    assert all(torch.equal(x["labels"], y) for x, y in zip(items, labels_before, strict=True))
 
 
 def random_image(width, height, seed=0):
