@@ -1,4 +1,5 @@
-"""Agreement between ranks: every rank learns the same failure, count or total, so that a
+"""The ranks of a stage: the process group (one process without a launcher is a one-rank world),
+and agreement between ranks: every rank learns the same failure, count or total, so that a
 failure on one rank stops every rank with the same message."""
 
 from __future__ import annotations
