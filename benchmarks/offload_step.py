@@ -105,14 +105,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from moetool.cli.render import stdout_to_stderr
-    from moetool.train.ranks import ensure_distributed_env
+    from moetool.train.ranks import ensure_distributed_env, init_distributed
 
     ensure_distributed_env()
     with stdout_to_stderr():  # DeepSpeed's build and start-up messages stay off the JSON
-        import deepspeed
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        init_distributed()
         started = time.perf_counter()
         DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(1))])  # builds or loads cpu_adam
         op_load_seconds = time.perf_counter() - started

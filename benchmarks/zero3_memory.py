@@ -81,8 +81,9 @@ def worker(mode: str, checkpoint: Path, rows: Path) -> None:
     import moetool  # noqa: F401
     from moetool.recipe.schema import StageSection
     from moetool.train.engine import deepspeed_config, partitioned_loading
+    from moetool.train.ranks import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     precision = "bf16" if mode == "partitioned-bf16" else "fp32"
     stage = StageSection(

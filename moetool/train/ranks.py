@@ -1,4 +1,5 @@
-"""Agreement between ranks: every rank learns the same failure, count or total, so that a
+"""The ranks of a stage: the process group (one process without a launcher is a one-rank world),
+and agreement between ranks: every rank learns the same failure, count or total, so that a
 failure on one rank stops every rank with the same message."""
 
 from __future__ import annotations
@@ -6,6 +7,13 @@ from __future__ import annotations
 import os
 import socket
 from collections import Counter
+
+from moetool.io import held_output
+
+# DeepSpeed's CPU backend JIT-builds this op when it first initialises (a minute or more on a
+# fresh install, with ninja); only its tensor-parallel inference all-reduce uses it, never
+# training, whose collectives go through torch.distributed (gloo) on any number of ranks.
+SHM_COMM_OP = "deepspeed_shm_comm"
 
 
 def ensure_distributed_env() -> None:
@@ -24,6 +32,24 @@ def ensure_distributed_env() -> None:
             "MASTER_PORT": str(port),
         }
     )
+
+
+def init_distributed() -> None:
+    """Start (or join) the process group through DeepSpeed: gloo on a CPU, NCCL with CUDA. On a
+    CPU DeepSpeed's shared-memory op is not built (training does not use it)."""
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        # DeepSpeed builds the op only if its table of compatible ops (one dict, read on every
+        # initialisation, including the one inside deepspeed.initialize) says it can.
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    if not torch.distributed.is_initialized():
+        with held_output("stdout"):  # DeepSpeed's own start-up lines stay out of ours
+            deepspeed.init_distributed(
+                dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False
+            )
 
 
 def collective_device():

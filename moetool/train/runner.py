@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from moetool.io import describe_write_error, held_output, inputs_inside
+from moetool.io import describe_write_error, inputs_inside
 from moetool.recipe.load import recipe_to_dict
 from moetool.recipe.schema import Recipe, StageSection
 from moetool.train import checkpoints
@@ -44,6 +44,7 @@ from moetool.train.ranks import (
     ensure_distributed_env,
     failures_on_any_rank,
     gather_counts,
+    init_distributed,
     sum_over_ranks,
 )
 from moetool.train.start import default_init, load_start_model
@@ -205,12 +206,7 @@ def run_stage(
     from moetool.models.packed_attention import use_packed_sdpa
     from moetool.models.parts import set_trainable
 
-    if not torch.distributed.is_initialized():
-        # DeepSpeed prints "... deepspeed_shm_comm_op built successfully" here on CPU.
-        with held_output("stdout"):
-            deepspeed.init_distributed(
-                dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False
-            )
+    init_distributed()  # on a CPU without DeepSpeed's shm op (a minute's build)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     ds_config = deepspeed_config(stage, world, pin_memory=torch.cuda.is_available())
     note = batch_plan_note(stage_name, stage, world)

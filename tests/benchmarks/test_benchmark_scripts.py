@@ -122,6 +122,7 @@ def test_block_with_losses_adds_the_models_router_losses(bench):
     )
 
 
+@pytest.mark.integration  # torchrun, two ranks, once per start-up mode (minutes)
 def test_zero3_memory_script_prints_its_json():
     data = run_json(
         "zero3_memory.py", "--layers", "2", "--hidden", "128", "--ffn", "256", "--vocab", "512"

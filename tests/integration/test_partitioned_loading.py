@@ -15,16 +15,16 @@ LOAD_PARTITIONED = """
 import json, os, sys
 from pathlib import Path
 
-import deepspeed, torch
+import torch
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from moetool.recipe import load_recipe
 from moetool.train.engine import deepspeed_config, full_state_dict, partitioned_loading
-from moetool.train.ranks import ensure_distributed_env
+from moetool.train.ranks import ensure_distributed_env, init_distributed
 from moetool.train.start import load_start_model
 
 ensure_distributed_env()
-deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+init_distributed()
 rank = torch.distributed.get_rank()
 checkpoint, precision, zero = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 recipe = load_recipe("recipe.toml", [f"stages.instruct.precision={precision}",
