@@ -28,16 +28,23 @@ def predict(
     image: str | Path | None = None,
     max_new_tokens: int = 32,
     device: str = "cpu",
+    attn_implementation: str | None = None,
 ) -> Prediction:
     """Greedy answer of the checkpoint ``model`` to ``prompt`` about ``image`` (none: text
-    only), in the checkpoint's chat template and with its image preprocessing."""
+    only), in the checkpoint's chat template and with its image preprocessing; attention as
+    trained unless ``attn_implementation`` says otherwise."""
     from PIL import Image, UnidentifiedImageError
 
-    from moetool.models.inference import answer, load_checkpoint
+    from moetool.models.attention import AttentionUnavailable
+    from moetool.models.inference import answer, checkpoint_attention, load_checkpoint
 
     model, image = Path(model), Path(image) if image is not None else None
     if not (model / "config.json").is_file():
         raise PredictError(f"--model {model}: not a checkpoint directory (no config.json)")
+    try:
+        attention = checkpoint_attention(model, attn_implementation, device)
+    except AttentionUnavailable as err:
+        raise PredictError(str(err)) from None
     if not prompt.strip():
         raise PredictError("--prompt is empty")
     images = []
@@ -49,7 +56,7 @@ def predict(
             raise PredictError(f"--image {image}: no such file") from None
         except (UnidentifiedImageError, OSError) as err:
             raise PredictError(f"--image {image}: not a readable image ({err})") from None
-    loaded, processor = load_checkpoint(model, device=device)
+    loaded, processor = load_checkpoint(model, device=device, attn_implementation=attention)
     text = answer(loaded, processor, [prompt], [images], max_new_tokens, device=device)[0]
     sparse = getattr(loaded.config, "moe", None) is not None
     return Prediction(str(model), str(image) if image else None, prompt, text, sparse)

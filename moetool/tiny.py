@@ -158,7 +158,8 @@ def preset_recipe(name: str):
 
 
 def build_random_lvlm(recipe: Recipe, seed: int = 0, template: str | None = None):
-    """A randomly initialised LVLM of the recipe's architecture with the offline tokenizer.
+    """A randomly initialised LVLM of the recipe's architecture with the offline tokenizer,
+    its tower and LM attending with ``model.attn_implementation``.
 
     No weights are read. Returns (model, processor).
     """
@@ -170,6 +171,7 @@ def build_random_lvlm(recipe: Recipe, seed: int = 0, template: str | None = None
     config = lvlm_config(recipe.model, recipe.vision, image_token_id)
     config.text_config.pad_token_id = tokenizer.pad_token_id
     config.text_config.eos_token_id = tokenizer.eos_token_id
+    config._attn_implementation = recipe.model.attn_implementation  # and the sub-configs'
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

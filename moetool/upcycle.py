@@ -28,6 +28,7 @@ from moetool.checkpoint_io import (
     write_sharded_safetensors,
 )
 from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
+from moetool.models.attention import checkpoint_attn_implementation
 from moetool.models.build import carry_training_processor, checkpoint_aspect_ratio
 from moetool.models.moe.config import MoEConfig, MoEConfigError
 
@@ -352,6 +353,9 @@ def upcycle_checkpoint(
                 # drop_upcycling); the seed and the FFN layout found complete it.
                 "upcycle": {"seed": plan.seed, "mlp_structure": plan.structure.name},
             }
+            attention = checkpoint_attn_implementation(config)
+            if attention is not None:  # the dense checkpoint's attention carries over
+                sparse_config["moetool"]["attn_implementation"] = attention
             aspect_ratio = checkpoint_aspect_ratio(config)
             if aspect_ratio is not None:  # the dense model's; the processor below shapes so
                 sparse_config["moetool"]["image_aspect_ratio"] = aspect_ratio

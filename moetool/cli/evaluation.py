@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from moetool.cli.options import AttnOpt
 from moetool.cli.render import console, fail, print_json, stdout_to_stderr, table
 
 
@@ -33,6 +34,7 @@ def eval_command(
     dtype: Annotated[
         str, typer.Option("--dtype", help="fp32 | bf16: the dtype the model runs in.")
     ] = "fp32",
+    attn_implementation: AttnOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results in OUT.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
@@ -53,6 +55,7 @@ def eval_command(
                 device=device,
                 overwrite=overwrite,
                 dtype=dtype,
+                attn_implementation=attn_implementation,
             )
     except EvalError as err:
         fail(str(err))

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from moetool.cli.options import AttnOpt
 from moetool.cli.render import console, fail, print_json
 
 
@@ -20,6 +21,7 @@ def predict(
         int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")
     ] = 32,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, …")] = "cpu",
+    attn_implementation: AttnOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
 ) -> None:
     """Answer one prompt about one image with the checkpoint's chat template (greedy)."""
@@ -27,7 +29,7 @@ def predict(
     from moetool.predict import predict as run_predict
 
     try:
-        result = run_predict(model, prompt, image, max_new_tokens, device)
+        result = run_predict(model, prompt, image, max_new_tokens, device, attn_implementation)
     except PredictError as err:
         fail(str(err))
     if as_json:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from moetool.cli.options import AttnOpt
 from moetool.cli.render import console, fail, print_json, table
 
 app = typer.Typer(
@@ -45,6 +46,7 @@ def capture(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing OUT.")
     ] = False,
+    attn_implementation: AttnOpt = None,
 ) -> None:
     """Record every token's experts, weights and modality in every MoE layer."""
     from moetool.data.llava_json import DataError
@@ -53,7 +55,16 @@ def capture(
 
     try:
         result = capture_to_dir(
-            model, data, out, task, image_folder, limit, batch_size, template, overwrite
+            model,
+            data,
+            out,
+            task,
+            image_folder,
+            limit,
+            batch_size,
+            template,
+            overwrite,
+            attn_implementation,
         )
     except (ValueError, DataError, OutputExistsError, OSError) as err:
         fail(str(err))

@@ -60,13 +60,21 @@ class MoeTool(lmms):
     is_simple = True
 
     def __init__(
-        self, pretrained: str, device: str = "cpu", batch_size=1, dtype="float32", **kwargs
+        self,
+        pretrained: str,
+        device: str = "cpu",
+        batch_size=1,
+        dtype="float32",
+        attn_implementation: str | None = None,  # None: the checkpoint's own
+        **kwargs,
     ):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         self._rank, self._world_size, device = join_process_group(device)
-        self.model, self.processor = load_checkpoint(pretrained, DTYPES[dtype], device)
+        self.model, self.processor = load_checkpoint(
+            pretrained, DTYPES[dtype], device, attn_implementation
+        )
         self.device_name = device
         self._device = torch.device(device)
         self.batch_size = int(batch_size)

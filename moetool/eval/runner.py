@@ -14,6 +14,8 @@ from pathlib import Path
 
 from moetool.eval.tasks import EVAL_DTYPES, LMMS_TASKS, TASKS, get_task, splits, task_overrides
 from moetool.io import UnsafeOverwriteError, check_overwrite
+from moetool.models.attention import AttentionUnavailable
+from moetool.models.inference import checkpoint_attention
 from moetool.paper import BenchmarkFigures
 
 # `--dtype` -> the torch dtype the model is loaded in.
@@ -102,9 +104,11 @@ def run_eval(
     overwrite: bool = False,
     lmms_model=None,
     dtype: str = "fp32",
+    attn_implementation: str | None = None,
 ) -> EvalReport | None:
     """Run ``task`` with lmms-eval on ``model`` (a checkpoint directory) and local ``data``,
-    the model loaded in ``dtype`` (``fp32`` or ``bf16``).
+    the model loaded in ``dtype`` (``fp32`` or ``bf16``), attending with
+    ``attn_implementation`` (None: the one the checkpoint was trained with).
 
     ``lmms_model`` replaces the checkpoint's model with another lmms-eval model instance (tests
     use an oracle). Writes ``out/results.json``, ``out/results.csv`` and ``out/samples.jsonl``.
@@ -115,6 +119,13 @@ def run_eval(
     data, out = Path(data), Path(out)
     if dtype not in EVAL_DTYPES:
         raise EvalError(f"--dtype {dtype}: expected one of {', '.join(EVAL_DTYPES)}")
+    if lmms_model is None:  # first: it reads only the checkpoint's config
+        try:
+            attn_implementation = checkpoint_attention(
+                model, attn_implementation, device, EVAL_DTYPES[dtype], "--dtype"
+            )
+        except AttentionUnavailable as err:
+            raise EvalError(str(err)) from None
     check_data(task, data)
     if lmms_model is None and not (Path(model) / "config.json").is_file():
         raise EvalError(f"--model {model}: not a checkpoint directory (no config.json)")
@@ -153,7 +164,7 @@ def run_eval(
         with _environment(environment):
             return _evaluate(
                 task, model, data, out, inputs, limit, batch_size, device, lmms_model, notes,
-                EVAL_DTYPES[dtype],
+                EVAL_DTYPES[dtype], attn_implementation,
             )  # fmt: skip
     finally:
         if dist.is_initialized() and not joined:
@@ -175,7 +186,7 @@ def _environment(values: dict[str, str]):
 
 
 def _evaluate(
-    task, model, data, out, inputs, limit, batch_size, device, lmms_model, notes, dtype
+    task, model, data, out, inputs, limit, batch_size, device, lmms_model, notes, dtype, attention
 ) -> EvalReport | None:
     import lmms_eval
     import torch.distributed as dist
@@ -189,7 +200,11 @@ def _evaluate(
 
         try:
             lmms_model = MoeTool(
-                pretrained=str(model), device=device, batch_size=batch_size, dtype=dtype
+                pretrained=str(model),
+                device=device,
+                batch_size=batch_size,
+                dtype=dtype,
+                attn_implementation=attention,
             )
         except ValueError as err:  # a device that the ranks cannot share
             raise EvalError(str(err)) from None
@@ -236,6 +251,7 @@ def _evaluate(
             "dtype": dtype,
             "world_size": world_size,
             "batch_size": batch_size,
+            "attn_implementation": attention,
             "splits": task_splits,
         }
         (tmp / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")

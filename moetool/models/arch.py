@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from moetool.models.attention import (
+    DEFAULT_ATTN_IMPLEMENTATION,
+    AttnImplementation,
+    family_problems,
+)
 from moetool.models.families import get_family, known_families
 
 # A problem is (dotted key relative to the section, message).
@@ -32,6 +37,8 @@ class ModelSection:
     attention_bias: bool = False
     mlp_bias: bool = False
     path: str = ""  # local checkpoint directory used when running for real
+    # Attention of the vision tower and the language model, in every stage and at inference.
+    attn_implementation: AttnImplementation = DEFAULT_ATTN_IMPLEMENTATION
     extra: dict = field(default_factory=dict)  # further transformers config kwargs
 
     def problems(self) -> list[Problem]:
@@ -70,6 +77,10 @@ class ModelSection:
         ):
             if isinstance(fixed, bool) and getattr(self, key) != fixed:
                 out.append((key, f"{self.model_type} always has {key} = {str(fixed).lower()}"))
+        out.extend(
+            ("attn_implementation", problem)
+            for problem in family_problems(self.attn_implementation, self.model_type)
+        )
         if (
             self.num_heads > 0
             and self.hidden_size % self.num_heads

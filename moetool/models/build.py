@@ -177,7 +177,8 @@ def build_lvlm_from_parts(model_section: ModelSection, vision: VisionSection, dt
     tower from ``vision.path`` (local transformers checkpoints, read with safetensors), and a
     fresh projector. The tokenizer is the base's own, with ``<image>`` added if missing.
 
-    Returns (model, processor). Raises FileNotFoundError naming the recipe key of a missing path.
+    Both parts attend with ``model.attn_implementation``. Returns (model, processor). Raises
+    FileNotFoundError naming the recipe key of a missing path.
     """
     from pathlib import Path
 
@@ -189,15 +190,19 @@ def build_lvlm_from_parts(model_section: ModelSection, vision: VisionSection, dt
             raise FileNotFoundError(f"{key}: {value!r} is not a local checkpoint directory")
     tokenizer = base_tokenizer(model_section)
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    attention = model_section.attn_implementation
     llm = AutoModelForCausalLM.from_pretrained(
-        model_section.path, dtype=dtype, use_safetensors=True
+        model_section.path, dtype=dtype, use_safetensors=True, attn_implementation=attention
     )
     vision_tower = _as_vision_model(
-        AutoModel.from_pretrained(vision.path, dtype=dtype, use_safetensors=True)
+        AutoModel.from_pretrained(
+            vision.path, dtype=dtype, use_safetensors=True, attn_implementation=attention
+        )
     )
     config = lvlm_config(model_section, vision, image_token_id)
     config.text_config = llm.config
     config.vision_config = vision_tower.config
+    config._attn_implementation = attention
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     model.model.language_model = llm.model

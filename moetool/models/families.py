@@ -25,6 +25,8 @@ class Family:
     attention: str = "self_attn"
     layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     final_norm: str = "norm"
+    # Attention implementations transformers' model of the family refuses (its _supports_* flags).
+    attn_unsupported: tuple[str, ...] = ()
 
     def config_kwargs(self, model) -> dict:
         """transformers config kwargs for a recipe's ``ModelSection``."""
@@ -87,7 +89,12 @@ for _family in (
         final_norm="final_layernorm",
     ),
     # StableLM-2: gated FFN without bias, optional qkv bias, LayerNorm.
-    Family("stablelm", ffn_linears=3, attention_bias="use_qkv_bias"),
+    Family(
+        "stablelm",
+        ffn_linears=3,
+        attention_bias="use_qkv_bias",
+        attn_unsupported=("flex_attention",),
+    ),
     # Qwen2 (and Qwen-1, which has the same parameters): qkv bias always on.
     Family("qwen2", ffn_linears=3, attention_bias=True),
     Family("qwen3", ffn_linears=3, attention_bias="attention_bias"),
@@ -99,6 +106,7 @@ for _family in (
         ffn_linears=3,
         attention_bias="attention_bias",
         tie_embeddings=True,
+        attn_unsupported=("sdpa",),  # sdpa has no logit soft-capping
         layer_norms=(
             "input_layernorm",
             "post_attention_layernorm",

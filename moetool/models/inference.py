@@ -11,11 +11,60 @@ from pathlib import Path
 from moetool.data.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
 
 
-def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """(model, processor) of a moetool checkpoint, through transformers' Auto classes. The
-    processor shapes images as training did: the checkpoint's own, which does so by itself
-    for every checkpoint moetool now writes; one written before processors carried the
-    padding (a CLIP/SigLIP processor, a pad-trained recipe) is given the padding here."""
+def checkpoint_attention(
+    path: str | Path,
+    override: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    dtype_key: str = "",
+) -> str | None:
+    """The attention implementation to run checkpoint ``path`` with: ``override``
+    (``--attn-implementation``), else the one its training recorded (None if none:
+    transformers' default). Raises
+    ``AttentionUnavailable`` (one line, naming the flag) when it cannot run on ``device`` in
+    ``dtype``; reads only ``config.json``, so it can run before anything is loaded."""
+    import json
+
+    from moetool.models.attention import (
+        AttentionUnavailable,
+        check_attn_implementation,
+        checkpoint_attn_implementation,
+        family_problems,
+    )
+
+    config_file = Path(path) / "config.json"  # none: the loader says what is wrong
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    name = override or checkpoint_attn_implementation(config)
+    if name is None:
+        return None  # transformers' default: sdpa where the model has it, else eager
+    model_type = (config.get("text_config") or {}).get("model_type", "")
+    try:
+        problems = family_problems(name, model_type)
+        if problems:
+            raise AttentionUnavailable(f"attention {name!r} cannot run: {problems[0]}")
+        check_attn_implementation(name, device, dtype, dtype_key=dtype_key)
+    except AttentionUnavailable as err:
+        if override is not None:
+            raise AttentionUnavailable(f"--attn-implementation {override}: {err}") from None
+        raise AttentionUnavailable(
+            f"{path} was trained with attn_implementation {name!r}: {err}; pass "
+            "--attn-implementation sdpa (or eager) to run it with another"
+        ) from None
+    return name
+
+
+def load_checkpoint(
+    path: str | Path,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+):
+    """(model, processor) of a moetool checkpoint, through transformers' Auto classes, its
+    tower and LM attending with ``attn_implementation`` (None: the one its training recorded;
+    see ``checkpoint_attention``). The processor shapes images as training did: the
+    checkpoint's own, which does so by itself for every checkpoint moetool now writes; one
+    written before processors carried the padding (a CLIP/SigLIP processor, a pad-trained
+    recipe) is given the padding here."""
     import torch
     import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -26,8 +75,11 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu
 
     register()  # the sparse model type, for the Auto classes
 
+    attention = checkpoint_attention(path, attn_implementation, device, dtype)
     transformers.utils.logging.disable_progress_bar()  # one answer, no loading bars
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=attention
+    )
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     aspect_ratio = checkpoint_aspect_ratio(model.config.to_dict())

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from moetool.models.arch import ModelSection, VisionSection  # the [model] and [vision] sections
+from moetool.models.attention import AttnImplementation  # noqa: F401  (model's annotation)
 from moetool.models.families import known_families  # noqa: F401  (docs read it)
 from moetool.models.moe.config import (  # noqa: F401  (the [moe] section and its layouts)
     LAYER_LAYOUTS,

@@ -100,6 +100,7 @@ def capture_from_llava_json(
     batch_size: int = 4,
     template: str | None = None,
     max_length: int = 2048,
+    attn_implementation: str | None = None,
 ) -> RoutingCapture:
     """Capture routing of a sparse checkpoint over LLaVA-JSON samples, rendered with the
     checkpoint's conversation template (from its recipe snapshot, or ``template``)."""
@@ -108,7 +109,8 @@ def capture_from_llava_json(
     from moetool.data.templates import get_template
     from moetool.models.inference import load_checkpoint
 
-    model, processor = load_checkpoint(checkpoint)  # collate pads itself, on the right
+    # collate pads itself, on the right
+    model, processor = load_checkpoint(checkpoint, attn_implementation=attn_implementation)
     recipe = (getattr(model.config, "moetool", None) or {}).get("recipe") or {}
     name = template or (recipe.get("data") or {}).get("template")
     if not name:
@@ -133,6 +135,7 @@ def capture_from_eval_data(
     data: str | Path,
     limit: int | None = None,
     batch_size: int = 4,
+    attn_implementation: str | None = None,
 ) -> RoutingCapture:
     """Capture routing over an evaluation task's local data: ``data`` is the directory of
     ``datasets.save_to_disk`` folders that ``moetool eval --data`` reads, ``task`` an lmms-eval
@@ -154,7 +157,8 @@ def capture_from_eval_data(
     rows = load_from_disk(str(path))[split]
     if limit:
         rows = rows.select(range(min(limit, len(rows))))
-    model, processor = load_checkpoint(checkpoint)  # its processor pads/resizes as trained
+    # its processor pads/resizes as trained
+    model, processor = load_checkpoint(checkpoint, attn_implementation=attn_implementation)
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -180,20 +184,26 @@ def capture_to_dir(
     batch_size: int = 4,
     template: str | None = None,
     overwrite: bool = False,
+    attn_implementation: str | None = None,
 ) -> RoutingCapture:
     """``moetool routing capture``: capture over LLaVA-JSON ``data`` (or, with ``task``, the one
-    evaluation data directory in ``data``) and save it into ``out`` atomically. ``out`` is
-    checked before the model runs, and may not hold any input."""
+    evaluation data directory in ``data``) and save it into ``out`` atomically. ``out`` and the
+    attention implementation (``attn_implementation``, else the checkpoint's) are checked
+    before the model runs; ``out`` may not hold any input."""
     from moetool.io import atomic_output_dir, check_overwrite
+    from moetool.models.inference import checkpoint_attention
 
     if task is not None and len(data) != 1:
         raise ValueError("--task reads one --data directory (the one `moetool eval --data` reads)")
     inputs = [model, *data, image_folder if task is None else None]
     check_overwrite(out, inputs)
+    attention = checkpoint_attention(model, attn_implementation)  # capture runs fp32 on the CPU
     if task is not None:
-        result = capture_from_eval_data(model, task, data[0], limit, batch_size)
+        result = capture_from_eval_data(model, task, data[0], limit, batch_size, attention)
     else:
-        result = capture_from_llava_json(model, data, image_folder, limit, batch_size, template)
+        result = capture_from_llava_json(
+            model, data, image_folder, limit, batch_size, template, attn_implementation=attention
+        )
     with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
         result.save(tmp)
     return result

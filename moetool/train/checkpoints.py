@@ -39,13 +39,16 @@ def fingerprint(
     world_size: int,
     init: Path | None,
 ) -> dict:
-    """What makes two runs of a stage the same run: the recipe (less the saving keys), the
-    stage, the contents of its data files, the world size and the starting checkpoint."""
+    """What makes two runs of a stage the same run: the recipe (less the saving keys and the
+    attention implementation), the stage, the contents of its data files, the world size and
+    the starting checkpoint."""
     recipe = json.loads(json.dumps(recipe_dict))  # a deep copy of plain data
     for section in recipe.get("stages", {}).values():
         for key in _NOT_THE_RUN:
             section.pop(key, None)
     recipe.get("data", {}).pop("num_workers", None)
+    # The attention kernel computes the same attention: a run may resume on other hardware.
+    recipe.get("model", {}).pop("attn_implementation", None)
     recipe.pop("tracking", None)  # where metrics are reported is not what the run computes
     start = None
     if init is not None:
@@ -257,6 +260,8 @@ def save_final(engine, model, processor, recipe, stage_name, out, overwrite, pen
                 "stage": stage_name,
                 "recipe": recipe_to_dict(recipe),
                 "training": training_plan(engine, world),
+                # What predict, eval and routing capture attend with unless told otherwise.
+                "attn_implementation": recipe.model.attn_implementation,
             }
             get_template(recipe.data.template).attach(processor)
             with atomic_output_dir(out, overwrite) as tmp:

@@ -47,7 +47,7 @@ from moetool.train.ranks import (
     init_distributed,
     sum_over_ranks,
 )
-from moetool.train.start import default_init, load_start_model
+from moetool.train.start import check_stage_attention, default_init, load_start_model
 from moetool.train.tracking import NoTracker, TrackingError, check_available, open_tracker
 
 __all__ = ["StageResult", "StepMetrics", "TrainingError", "run_stage"]
@@ -113,11 +113,13 @@ def _plan_stage(
     recipe_dir: str | Path,
 ) -> _StagePlan:
     """The stage's inputs and outputs; a ``TrainingError`` for a missing section, input or data
-    file, an output that would overwrite an earlier run or hold an input, an unavailable
-    tracker, or a ``--resume`` that does not match its checkpoint."""
+    file, an output that would overwrite an earlier run or hold an input, an attention
+    implementation or a tracker unavailable here, or a ``--resume`` that does not match its
+    checkpoint."""
     stage: StageSection | None = getattr(recipe.stages, stage_name)
     if stage is None:
         raise TrainingError(f"the recipe has no [stages.{stage_name}] section")
+    check_stage_attention(recipe, stage_name)  # before anything is read or written
     out = run_dir / stage_name
     state = run_dir / f"{stage_name}-state"
     if out.exists() and not overwrite:

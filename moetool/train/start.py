@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moetool.models.attention import AttentionUnavailable, check_attn_implementation
 from moetool.recipe.schema import Recipe, StageSection
 from moetool.train.engine import TrainingError, stage_dtype
 
@@ -22,9 +23,33 @@ def default_init(run_dir: Path, stage: str, recipe: Recipe) -> Path | None:
     return None
 
 
+def training_device() -> str:
+    """Where a stage trains: DeepSpeed's CUDA accelerator when a GPU is visible, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_stage_attention(recipe: Recipe, stage_name: str) -> None:
+    """A ``TrainingError`` naming ``model.attn_implementation`` when it cannot train the stage
+    here (no GPU or flash-attn package for the flash backends, an fp32 stage, …)."""
+    stage: StageSection = getattr(recipe.stages, stage_name)
+    try:
+        check_attn_implementation(
+            recipe.model.attn_implementation,
+            training_device(),
+            stage.precision,
+            training=True,
+            dtype_key=f"stages.{stage_name}.precision",
+        )
+    except AttentionUnavailable as err:
+        raise TrainingError(f"model.attn_implementation: {err}") from None
+
+
 def load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: Path):
     """The stage's starting model and processor, in the stage's precision (a bf16 stage never
-    materialises fp32 weights); partitioned when called under ``partitioned_loading``."""
+    materialises fp32 weights), the tower and the LM attending with ``model.attn_implementation``;
+    partitioned when called under ``partitioned_loading``."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.integrations import is_deepspeed_zero3_enabled
@@ -37,12 +62,13 @@ def load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: P
 
     stage: StageSection = getattr(recipe.stages, stage_name)
     dtype = stage_dtype(stage)
+    attention = recipe.model.attn_implementation
     if init is None:
         if stage_name != "pretrain":
             raise TrainingError(f"stage {stage_name} needs a checkpoint to start from (--init)")
         if recipe.model.path:
             return build_lvlm_from_parts(recipe.model, recipe.vision, dtype=dtype)
-        model, processor = build_random_lvlm(recipe, seed=stage.seed)
+        model, processor = build_random_lvlm(recipe, seed=stage.seed)  # with model.attn_…
         return model.to(dtype), processor
     if not (init / "config.json").is_file():
         raise TrainingError(f"--init {init}: not a checkpoint directory (no config.json)")
@@ -59,7 +85,9 @@ def load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: P
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         init = target
-    model = AutoModelForImageTextToText.from_pretrained(init, dtype=dtype)
+    model = AutoModelForImageTextToText.from_pretrained(
+        init, dtype=dtype, attn_implementation=attention
+    )
     conversions = getattr(model, "_weight_conversions", None)
     if conversions and is_deepspeed_zero3_enabled():
         # transformers (5.24)'s ZeRO-3 load keeps every key renaming it tried, where its whole-

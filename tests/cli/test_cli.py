@@ -236,3 +236,52 @@ def test_routine_library_lines_are_dropped_and_real_warnings_kept(library_logs):
     # DeepSpeed finds no GPU here and says so on import, unless quietened.
     assert ("Setting accelerator to CPU" in output) == (library_logs == "1")
     assert proc.stdout.splitlines()[-1] == ("None True" if library_logs else "1 False")
+
+
+def test_an_attention_that_cannot_run_here_is_one_error_before_any_work(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks this machine's lack of a GPU")
+    proc = run(
+        "pretrain",
+        "tiny/llama",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "model.attn_implementation=flash_attention_2",
+        check=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (
+        "error: model.attn_implementation: attention 'flash_attention_2' cannot run here: it "
+        "needs a CUDA GPU (none is visible here); the flash_attn package is not installed (pip "
+        "install flash-attn --no-build-isolation); it takes bf16 or fp16 only, not fp32 (set "
+        "stages.pretrain.precision to bf16)"
+    )
+    assert not (tmp_path / "run").exists()
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    meta = {"moetool": {"attn_implementation": "flash_attention_2"}}
+    (checkpoint / "config.json").write_text(json.dumps(meta))
+    for args in (
+        ["predict", "--model", str(checkpoint), "--prompt", "Hi?"],
+        ["eval", "pope", "--model", str(checkpoint), "--out", str(tmp_path / "e")],
+        ["routing", "capture", "--model", str(checkpoint), "--data", "x.json"]
+        + ["--out", str(tmp_path / "r")],
+    ):
+        proc = run(*args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, args
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith(
+            f"error: {checkpoint} was trained with attn_implementation 'flash_attention_2': "
+            "attention 'flash_attention_2' cannot run here: it needs a CUDA GPU"
+        ), args
+        assert line.endswith("pass --attn-implementation sdpa (or eager) to run it with another")
+    proc = run(*args, "--attn-implementation", "flash", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "error: --attn-implementation flash: unknown attention implementation 'flash'; known: "
+        "sdpa, eager, flash_attention_2, flash_attention_3, flex_attention\n"
+    )

@@ -502,3 +502,24 @@ def test_full_disk_at_the_final_save_keeps_the_trained_state_for_resume(workdir)
     assert not changed(lost, weights(workdir / "run/instruct"))
     rows = (workdir / "run/instruct-state/metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
+
+
+def test_the_recipe_attention_is_trained_with_recorded_and_used_by_inference(workdir):
+    """Stage I builds with it, stage III upcycles on the fly and loads with it; each final
+    checkpoint records it and inference loads with it unless told otherwise."""
+    from moetool.models.inference import load_checkpoint
+
+    attention = ["--set", "model.attn_implementation=eager"]
+    steps = ["--set", "stages.pretrain.max_steps=1", "--set", "stages.moe_tune.max_steps=1"]
+    cli("pretrain", "recipe.toml", "--out", "run", *attention, *steps)
+    cli("moe-tune", "recipe.toml", "--out", "run", "--init", "run/pretrain", *attention, *steps)
+    for stage in ("pretrain", "moe_tune"):
+        meta = json.loads((workdir / f"run/{stage}/config.json").read_text())["moetool"]
+        assert meta["attn_implementation"] == "eager", stage
+        assert meta["recipe"]["model"]["attn_implementation"] == "eager", stage
+    upcycled = json.loads((workdir / "run/moe_tune-state/upcycled/config.json").read_text())
+    assert upcycled["moetool"]["attn_implementation"] == "eager"  # carried from stage I's
+    for override, expected in ((None, "eager"), ("sdpa", "sdpa")):
+        model, _ = load_checkpoint(workdir / "run/moe_tune", attn_implementation=override)
+        parts = (model.config, model.model.vision_tower.config, model.model.language_model.config)
+        assert [c._attn_implementation for c in parts] == [expected] * 3, override

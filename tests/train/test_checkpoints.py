@@ -30,6 +30,18 @@ def test_fingerprint_names_what_differs_and_ignores_how_the_run_is_saved(tmp_pat
     assert diff.startswith(f"data.{data}:")
 
 
+def test_the_attention_implementation_is_not_part_of_the_run(tmp_path):
+    """Same maths on other kernels: a run may resume with another one (and runs fingerprinted
+    before the key existed resume as they were)."""
+    data = tmp_path / "d.json"
+    data.write_text("[1]")
+    fingerprints = [
+        checkpoints.fingerprint({**_recipe(), "model": model}, "instruct", [data], 1, None)
+        for model in ({}, {"attn_implementation": "sdpa"}, {"attn_implementation": "eager"})
+    ]
+    assert all(checkpoints.differences(fingerprints[0], f) == [] for f in fingerprints)
+
+
 def _save(root, step, marked=True):
     path = root / f"step-{step}"
     path.mkdir(parents=True)
