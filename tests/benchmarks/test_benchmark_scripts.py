@@ -187,3 +187,29 @@ def test_offload_step_script_prints_its_json():
         results["torch_adamw"]["step_seconds_median"]
         / results["deepspeed_cpu_adam"]["step_seconds_median"]
     )
+
+
+def test_packing_script_prints_its_json():
+    data = run_json(
+        "packing.py", *("--samples", "3000", "--timed-samples", "8", "--repeats", "1"),
+        *("--hidden", "64", "--layers", "1", "--ffn", "128", "--vocab", "256"),
+    )  # fmt: skip
+    results = data["results"]
+    assert set(results) == {"padded", "padded_grouped", "packed", "packed_block_mask"}
+    # Packing computes no padding; padding does, grouping less of it; every mode the same samples.
+    assert results["packed"]["processed_per_real_token"] == 1.0
+    assert (
+        results["padded"]["processed_per_real_token"]
+        > (results["padded_grouped"]["processed_per_real_token"])
+        > 1.0
+    )
+    timed = {r["timed_real_tokens"] for r in results.values()}
+    assert len(timed) == 1
+    for r in results.values():
+        assert r["seconds_per_1k_real_tokens"] > 0 and len(r["rounds_seconds"]) == 1
+    assert data["goal_met"] == (
+        data["packed_time_per_real_token_over_grouped"] < 1
+        and results["packed"]["processed_per_real_token"] <= 1.05
+    )
+    # Image samples carry CLIP-L/336's 576 tokens; about 6% of the mix is text-only.
+    assert data["setting"]["median_length"] > 576
