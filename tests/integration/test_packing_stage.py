@@ -1,7 +1,7 @@
 """A packed stage (``packing = true``) is the padded stage without the padding: through the real
 CLI on DeepSpeed, stage II (dense) and stage III (sparse, upcycled on the fly) give the same
-step losses (1e-5) and the same trained weights (1e-4; fp32), with image and text-only samples of different
-lengths mixed in every micro-batch."""
+step losses (1e-5) and the same trained weights (1e-4; fp32), with image and text-only samples
+of different lengths mixed in every micro-batch."""
 
 import json
 import os
