@@ -73,6 +73,7 @@ def test_the_dry_run_reports_every_part(tmp_path):
     assert code == 0, json.dumps(data, indent=1)
     assert data["dry_run"] is True
     assert data["settings"]["device"] == "cpu" and data["settings"]["precision"] == "fp32"
+    assert data["settings"]["global_batch_size"] == 8
     env = data["environment"]
     assert {"torch", "transformers", "deepspeed", "flash_attn", "cuda_available"} <= set(env)
     assert env["cuda_available"] is False
