@@ -167,6 +167,15 @@ class StageBatchSampler(torch.utils.data.Sampler[list[int]]):
             yield order[first : first + self.micro_batch]
 
 
+def batch_tokens(batch: dict) -> int:
+    """The tokens a collated batch trains on (for tokens/s), counted on the host before the
+    batch moves to the device, so no device sync: its ``attention_mask``'s ones when it has
+    one (padding excluded), else every position of ``input_ids`` (a padding-free packed batch
+    has no mask and no padding)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 class Collate:
     """Pads the good items of a micro-batch (``collate``); bad ones are handed on by name."""
 
