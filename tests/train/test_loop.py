@@ -9,11 +9,15 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
-from moetool.data.pipeline import StageBatchSampler
+from moetool.data.pipeline import StageBatchSampler, batch_tokens
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
+from moetool.train.ranks import agree_on_step
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 SAMPLES = 16  # 4 optimizer steps of 4 (2 micro-batches of 2 on one rank)
@@ -124,3 +128,51 @@ def test_train_gives_the_golden_step_losses(tmp_path, one_rank_world):
     rows = [json.loads(line) for line in result.metrics.read_text().splitlines()]
     assert [r["loss"] for r in rows] == [m.loss for m in steps]
     assert (tmp_path / "run/moe_tune/config.json").is_file()
+
+
+def test_batch_tokens_counts_unpadded_tokens_or_every_position_of_a_packed_batch():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert batch_tokens({"input_ids": torch.zeros(2, 4), "attention_mask": mask}) == 5
+    assert batch_tokens({"input_ids": torch.zeros(1, 7)}) == 7  # packed: no mask, no padding
+
+
+# Per rank: (failure in this step, failure in the next step's micro-batches, next skipped).
+CASES = {
+    "nothing": [(None, None, 2), (None, None, 1)],
+    "nan on rank 1": [(None, None, 0), ("non-finite loss (nan) at step 2", None, 0)],
+    "both": [("could not write m", "bad q5", 1), (None, "bad q9", 0)],
+}
+
+
+def _agree_worker(rank: int, init_file: str, out: dict):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    calls = []
+    real_all_reduce, real_gather = dist.all_reduce, dist.all_gather_object
+    dist.all_reduce = lambda *a, **k: calls.append("all_reduce") or real_all_reduce(*a, **k)
+    dist.all_gather_object = lambda *a, **k: calls.append("gather") or real_gather(*a, **k)
+    try:
+        for name, per_rank in CASES.items():
+            calls.clear()
+            out[(name, rank)] = (agree_on_step(*per_rank[rank], rank, 2), list(calls))
+    finally:
+        dist.all_reduce, dist.all_gather_object = real_all_reduce, real_gather
+        dist.destroy_process_group()
+
+
+def test_one_all_reduce_agrees_a_step_on_every_rank(tmp_path):
+    """Nothing failed: one all-reduce and nothing else, the skipped counts summed. A failure
+    on any rank: the same messages on both ranks, named by rank (gathered only then)."""
+    out = mp.Manager().dict()
+    mp.spawn(_agree_worker, args=(str(tmp_path / "init"), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert out[("nothing", rank)] == ((None, None, 3), ["all_reduce"])
+        assert out[("nan on rank 1", rank)] == (
+            ("rank 1: non-finite loss (nan) at step 2", None, 0),
+            ["all_reduce", "gather"],
+        )
+        assert out[("both", rank)] == (
+            ("rank 0: could not write m", "rank 0: bad q5; rank 1: bad q9", 1),
+            ["all_reduce", "gather", "gather"],
+        )
+    # One rank: no collective; the messages as they are.
+    assert agree_on_step("x", None, 4, 0, 1) == ("x", None, 4)
