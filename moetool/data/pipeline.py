@@ -168,10 +168,12 @@ class StageBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def batch_tokens(batch: dict) -> int:
-    """The real (not padding) tokens of a collated micro-batch: a packed one has no padding."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return batch["input_ids"].numel()
+    """The tokens a collated batch trains on (for tokens/s), counted on the host before the
+    batch moves to the device, so no device sync: its ``attention_mask``'s ones when it has
+    one (padding excluded), else every position of ``input_ids`` (a padding-free packed batch
+    has no mask and no padding)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 class Collate:

@@ -17,8 +17,7 @@ import shutil
 from pathlib import Path
 
 from moetool.io import describe_write_error
-from moetool.recipe.schema import StageSection
-from moetool.train.engine import TrainingError, full_state_dict, stage_dtype
+from moetool.train.engine import TrainingError, full_state_dict
 from moetool.train.ranks import failures_on_any_rank
 
 MARKER = "moetool.json"
@@ -201,14 +200,14 @@ def save_checkpoint(
     return failed
 
 
-def keep_trained_state(engine, root: Path, step: int, run: dict, stage: StageSection) -> str:
+def keep_trained_state(engine, root: Path, step: int, run: dict, keep: int) -> str:
     """After a failed final write: save the trained state as checkpoint ``step-N`` (from which
     ``--resume`` writes the final checkpoint without training again) and say where it is; if that
     fails too, name the last good checkpoint."""
     if any(saved == step for saved, _ in complete_checkpoints(root)):
         failed = None  # a resumed run that failed to write again: its checkpoint is still there
     else:
-        failed = save_checkpoint(engine, root, step, run, stage.save_total_limit)
+        failed = save_checkpoint(engine, root, step, run, keep)
     if not failed:
         return (
             f"the trained state (step {step}) is kept in {root / f'step-{step}'}: run the same "
@@ -237,33 +236,35 @@ def training_plan(engine, world: int) -> dict:
     }
 
 
-def save_final(engine, model, processor, recipe, stage_name, out, overwrite, pending=None):
-    """The final HF checkpoint, written by rank 0 into a temporary folder and renamed; returns
-    the agreed error of every rank when it could not be written (nothing of it is left)."""
+def save_final(
+    engine,
+    model,
+    processor,
+    out: Path,
+    overwrite: bool,
+    dtype,
+    provenance: dict,
+    template: str,
+    pending: str | None = None,
+) -> str | None:
+    """The final HF checkpoint in ``dtype``, written by rank 0 into a temporary folder and
+    renamed; its config's ``moetool`` block is ``provenance`` (version, stage, recipe) and the
+    training plan, its tokenizer carries the chat ``template``. Returns the agreed error of
+    every rank when it could not be written (nothing of it is left)."""
     import torch
 
-    from moetool._version import __version__
     from moetool.data.templates import get_template
     from moetool.io import atomic_output_dir, check_free_space
-    from moetool.recipe.load import recipe_to_dict
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    dtype = stage_dtype(getattr(recipe.stages, stage_name))
     state_dict = full_state_dict(engine.module, dtype, rank, engine.zero_optimization_stage() == 3)
     problem = pending
     if rank == 0 and problem is None:
         try:
             check_free_space(out.parent, sum(t.nbytes for t in state_dict.values()))
             model.config.use_cache = model.config.get_text_config().use_cache = True
-            model.config.moetool = {
-                "version": __version__,
-                "stage": stage_name,
-                "recipe": recipe_to_dict(recipe),
-                "training": training_plan(engine, world),
-                # What predict, eval and routing capture attend with unless told otherwise.
-                "attn_implementation": recipe.model.attn_implementation,
-            }
-            get_template(recipe.data.template).attach(processor)
+            model.config.moetool = {**provenance, "training": training_plan(engine, world)}
+            get_template(template).attach(processor)
             with atomic_output_dir(out, overwrite) as tmp:
                 model.save_pretrained(tmp, state_dict=state_dict)
                 processor.save_pretrained(tmp)

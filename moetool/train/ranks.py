@@ -74,19 +74,43 @@ def failures_on_any_rank(message: str | None, rank: int, world: int) -> str | No
     torch.distributed.all_reduce(flags)
     if not flags.any():
         return None
+    return _named_by_rank(message, world)
+
+
+def _named_by_rank(message: str | None, world: int) -> str:
+    """Every rank's message (the failed ranks'), named by rank; every rank must call it."""
+    import torch
+
     messages: list = [None] * world
     torch.distributed.all_gather_object(messages, message)
     return "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
 
 
-def sum_over_ranks(count: int, world: int) -> int:
+def agree_on_step(
+    failure: str | None, next_failure: str | None, next_count: int, rank: int, world: int
+) -> tuple[str | None, str | None, int]:
+    """A training step's one collective: a single all-reduce tells every rank whether any rank
+    failed in this step (``failure``: a non-finite loss, a failed write on rank 0) and whether
+    any met a reason to stop in the next step's micro-batches, loaded ahead (``next_failure``:
+    a bad sample), and sums ``next_count`` (the next step's skipped samples) over the ranks.
+    Each failure comes back on every rank as the same message, the failed ranks' messages named
+    by rank (``failures_on_any_rank``'s); gathering them costs more collectives, but only when
+    something failed."""
     import torch
 
     if world == 1:
-        return count
-    total = torch.tensor([count], dtype=torch.long, device=collective_device())
-    torch.distributed.all_reduce(total)
-    return int(total.item())
+        return failure, next_failure, next_count
+    flags = [0] * (2 * world + 1)
+    flags[rank] = failure is not None
+    flags[world + rank] = next_failure is not None
+    flags[2 * world] = next_count
+    agreed = torch.tensor(flags, dtype=torch.long, device=collective_device())
+    torch.distributed.all_reduce(agreed)
+    totals = agreed.tolist()
+    failed, failed_next = any(totals[:world]), any(totals[world : 2 * world])
+    failure = _named_by_rank(failure, world) if failed else None
+    next_failure = _named_by_rank(next_failure, world) if failed_next else None
+    return failure, next_failure, totals[2 * world]
 
 
 def gather_counts(counts: Counter, world: int) -> Counter:

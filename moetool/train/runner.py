@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from moetool.io import describe_write_error, inputs_inside
 from moetool.recipe.load import recipe_to_dict
@@ -39,18 +39,35 @@ from moetool.train.engine import (
     lr_lambda,
     micro_batch_plan,
     partitioned_loading,
+    stage_dtype,
 )
 from moetool.train.ranks import (
+    agree_on_step,
     ensure_distributed_env,
-    failures_on_any_rank,
     gather_counts,
     init_distributed,
-    sum_over_ranks,
 )
 from moetool.train.start import check_stage_attention, default_init, load_start_model
-from moetool.train.tracking import NoTracker, TrackingError, check_available, open_tracker
+from moetool.train.tracking import (
+    NoTracker,
+    Tracker,
+    TrackingError,
+    check_available,
+    open_tracker,
+)
 
-__all__ = ["StageResult", "StepMetrics", "TrainingError", "run_stage"]
+if TYPE_CHECKING:
+    from moetool.data.pipeline import EncodedDataset, StageBatchSampler
+
+__all__ = [
+    "StageParts",
+    "StageResult",
+    "StepMetrics",
+    "TrainingError",
+    "run_stage",
+    "setup_stage",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -168,7 +185,44 @@ def _plan_stage(
     return _StagePlan(stage, out, state, init, data_files, image_folder, run, resume_from)
 
 
-def run_stage(
+@dataclass
+class StageParts:
+    """A stage set up to train (``setup_stage``): what ``train`` runs and the plain settings it
+    needs. The recipe was taken apart in ``setup_stage``; nothing here refers to it."""
+
+    name: str  # pretrain, instruct or moe_tune
+    engine: Any  # DeepSpeed's engine: the model, optimizer and lr schedule
+    model: Any  # the module the engine wraps, saved at the end
+    processor: Any
+    scheduler: Any  # the lr schedule the engine steps
+    dataset: EncodedDataset
+    sampler: StageBatchSampler
+    loader: Any  # a DataLoader over the sampler's micro-batches
+    tracker: Tracker  # rank 0's (NoTracker elsewhere)
+    rank: int
+    world: int
+    out: Path  # the final HF checkpoint
+    state: Path  # DeepSpeed checkpoints, metrics.jsonl
+    run: dict  # the run's fingerprint, written with each checkpoint
+    first_step: int  # optimizer steps already trained (those of a resumed checkpoint)
+    total_steps: int
+    steps_per_epoch: int
+    micro_steps: int  # micro-batches per optimizer step (gradient accumulation)
+    aux_layers: int  # MoE layers; 0 for a dense model
+    skip_bad: bool  # data.skip_bad_samples
+    pad_token_id: int
+    packing: bool  # micro-batches packed without padding (stages.<name>.packing)
+    save_steps: int
+    save_total_limit: int
+    overwrite: bool
+    report_to: str  # the tracker's name, for its warning
+    dtype: Any  # the stage's precision: the final checkpoint's dtype
+    provenance: dict  # the final config's moetool block: version, stage, recipe
+    template: str  # the chat template the final tokenizer carries
+    skipped: Counter[str]  # bad samples parsing left out (counted on rank 0), by reason
+
+
+def setup_stage(
     recipe: Recipe,
     stage_name: str,
     run_dir: str | Path,
@@ -176,33 +230,25 @@ def run_stage(
     resume: bool = False,
     overwrite: bool = False,
     recipe_dir: str | Path = ".",
-    on_step: Callable[[StepMetrics], None] | None = None,
-    stop_after: int | None = None,
     on_note: Callable[[str], None] | None = None,
-) -> StageResult:
-    """Train one stage of ``recipe``; writes ``run_dir/<stage>`` (HF checkpoint) and
-    ``run_dir/<stage>-state`` (DeepSpeed checkpoints, metrics.jsonl).
-
-    ``stop_after`` ends the process's work after that many optimizer steps without writing the
-    final checkpoint (a deliberate interruption, for resume tests). ``on_note`` gets, on rank 0,
-    a line at the start when the recipe's per-device batch changes for this world size."""
+) -> StageParts:
+    """Everything one stage of ``recipe`` trains with, before its first step: the checked plan
+    (inputs, outputs, ``--overwrite``, ``--resume``), the process group, the starting model
+    with its trainable parts, the DeepSpeed engine (resumed from the newest complete checkpoint
+    with ``resume``), the data pipeline and rank 0's tracker. ``on_note`` gets, on rank 0, a
+    line when the recipe's per-device batch changes for this world size. The recipe is taken
+    apart here, once: ``train`` gets plain values."""
     run_dir = Path(run_dir)
     plan = _plan_stage(recipe, stage_name, run_dir, init, resume, overwrite, recipe_dir)
-    stage, out, state = plan.stage, plan.out, plan.state
+    stage, state = plan.stage, plan.state
 
     ensure_distributed_env()
     import deepspeed
     import torch
 
+    from moetool._version import __version__
     from moetool.data.llava_json import load_llava_json
-    from moetool.data.pipeline import (
-        Collate,
-        EncodedDataset,
-        StageBatchSampler,
-        first_good,
-        make_loader,
-        reason_of,
-    )
+    from moetool.data.pipeline import EncodedDataset, StageBatchSampler, make_loader, reason_of
     from moetool.data.preprocess import Preprocessor
     from moetool.data.templates import get_template
     from moetool.models.packed_attention import use_packed_sdpa
@@ -258,7 +304,6 @@ def run_stage(
     # cache transformers ignores packed position ids (samples would attend to each other).
     model.config.use_cache = model.config.get_text_config().use_cache = False
 
-    micro_steps = ds_config["gradient_accumulation_steps"]
     steps_per_epoch = len(samples) // stage.global_batch_size
     if steps_per_epoch == 0:
         raise TrainingError(
@@ -290,7 +335,6 @@ def run_stage(
             checkpoints.truncate_metrics(metrics_path, step)  # one row per step
     elif rank == 0:
         metrics_path.write_text("")
-    aux_layers = len(getattr(model, "moe_blocks", lambda: [])())
     if recipe.data.num_workers > 0:
         # Fast tokenizers warn (and may deadlock) when used across fork; workers encode alone.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -312,178 +356,301 @@ def run_stage(
         pin_memory=torch.cuda.is_available(),
         packing=stage.packing,
     )
-    collator = Collate(processor.tokenizer.pad_token_id, stage.packing)
-
-    def stand_in(micro_step: int) -> dict | None:
-        """A good micro-batch for the zero-weight pass of a rank that has met none yet: the
-        first sample that encodes from its micro-batch ``micro_step`` of the epoch on (the
-        sampler's order is untouched); ``None`` when no sample of the stage is good."""
-        item = first_good(dataset, sampler.lookahead(sampler.epoch, micro_step))
-        return None if item is None else collator.batch([item])
-
-    skip_bad = recipe.data.skip_bad_samples
     skipped: Counter[str] = Counter()
     if rank == 0:  # every rank parsed the same files; rank 0 counts what parsing left out
         skipped.update(reason_of(message) for message in parse_skipped)
-    done_this_run = 0
-    pending: str | None = None  # a failed write on rank 0, reported at the next agreement
-    batches, batches_epoch, last_good = None, None, None
-    tracker = NoTracker()
+    snapshot = recipe_to_dict(recipe)
+    tracker: Tracker = NoTracker()
     if rank == 0:
         tracker = open_tracker(
             recipe.tracking.report_to,
             state,
             recipe.tracking.project or recipe.name,
             f"{run_dir.name}/{stage_name}",
-            recipe_to_dict(recipe),
+            snapshot,
             first_step=step + 1,
         )
+    return StageParts(
+        name=stage_name,
+        engine=engine,
+        model=model,
+        processor=processor,
+        scheduler=scheduler,
+        dataset=dataset,
+        sampler=sampler,
+        loader=loader,
+        tracker=tracker,
+        rank=rank,
+        world=world,
+        out=plan.out,
+        state=state,
+        run=plan.run,
+        first_step=step,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        micro_steps=ds_config["gradient_accumulation_steps"],
+        aux_layers=len(getattr(model, "moe_blocks", lambda: [])()),
+        skip_bad=recipe.data.skip_bad_samples,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        packing=stage.packing,
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        overwrite=overwrite,
+        report_to=recipe.tracking.report_to,
+        dtype=stage_dtype(stage),
+        provenance={
+            "version": __version__,
+            "stage": stage_name,
+            "recipe": snapshot,
+            # What predict, eval and routing capture attend with unless told otherwise.
+            "attn_implementation": recipe.model.attn_implementation,
+        },
+        template=recipe.data.template,
+        skipped=skipped,
+    )
+
+
+def train(
+    parts: StageParts,
+    on_step: Callable[[StepMetrics], None] | None = None,
+    stop_after: int | None = None,
+) -> StageResult:
+    """Train the stage ``setup_stage`` built, from its first step to its last, then write the
+    final checkpoint; ``on_step`` gets each step's metrics on rank 0. ``stop_after`` ends the
+    process's work after that many optimizer steps without writing the final checkpoint (a
+    deliberate interruption, for resume tests).
+
+    A step runs its passes with no host sync, reads its losses once, and agrees with the other
+    ranks in one all-reduce (``agree_on_step``) before the optimizer updates: a non-finite loss
+    on any rank, or a failed write pending on rank 0, stops every rank before the update. The
+    next step's micro-batches are loaded before that agreement, so a bad sample among them stops
+    every rank too, after this step is logged and saved, and no rank ever meets the next step
+    with nothing to run while the others run theirs."""
+    import torch
+
+    p, engine = parts, parts.engine
+    metrics_path = p.state / "metrics.jsonl"
+    skipped = Counter(p.skipped)
+    steps = _StepLoader(p, skipped)
+    step, done_this_run, pending, tracker = p.first_step, 0, None, p.tracker
 
     def fail(message: str) -> NoReturn:
         """Every rank stops here with the same message, naming where to resume from."""
         raise TrainingError(
-            f"stage {stage_name}: {message}; " + last_good_checkpoint(state / "checkpoints")
+            f"stage {p.name}: {message}; " + last_good_checkpoint(p.state / "checkpoints")
         )
 
     try:
         engine.train()
-        while step < total_steps:
-            epoch, within = divmod(step, steps_per_epoch)
-            if batches_epoch != epoch:  # skip what a resumed run already trained on, unloaded
-                sampler.set_epoch(epoch, within * micro_steps)
-                batches, batches_epoch = iter(loader), epoch
+        ahead = steps.load(step) if step < p.total_steps else _Step()
+        _, stop, ahead_skipped = agree_on_step(None, ahead.problem, ahead.skipped, p.rank, p.world)
+        if stop:
+            fail(stop)
+        while step < p.total_steps:
+            current, current_skipped = ahead, ahead_skipped
             started = time.perf_counter()
-            totals, last_good = _optimizer_step(
-                engine, batches, micro_steps, aux_layers, skip_bad, skipped, last_good,
-                pending, rank, world, fail, step + 1, stand_in, within * micro_steps,
-            )  # fmt: skip
             step += 1
             done_this_run += 1
-            elapsed = time.perf_counter() - started
+            losses = []
+            for i, (batch, weight) in enumerate(current.passes):
+                outputs = engine(**{k: v.to(engine.device) for k, v in batch.items()})
+                engine.backward(outputs.loss * weight if weight != 1.0 else outputs.loss)
+                losses.append(_loss_terms(outputs))
+                if i + 1 < len(current.passes):
+                    engine.step()  # inside the accumulation: DeepSpeed counts, nothing updates
+            values = torch.stack(losses).tolist()  # the step's one read of its losses
+            goes_on = step < p.total_steps and (stop_after is None or done_this_run < stop_after)
+            ahead = steps.load(step) if goes_on else _Step()
+            failed, stop, ahead_skipped = agree_on_step(
+                pending or _non_finite(values, step), ahead.problem, ahead.skipped, p.rank, p.world
+            )
+            if failed:
+                fail(failed)
+            engine.step()
+            weights = [weight for _, weight in current.passes]
+            loss, lm_loss, aux = _step_means(values, weights, p.micro_steps, p.aux_layers)
             metrics = StepMetrics(
                 step,
-                total_steps,
-                totals.loss,
-                totals.lm_loss,
-                totals.aux_loss if aux_layers else None,
-                scheduler.get_last_lr()[0],
-                totals.tokens * world / elapsed,
-                sum_over_ranks(totals.skipped, world),
+                p.total_steps,
+                loss,
+                lm_loss,
+                aux if p.aux_layers else None,
+                p.scheduler.get_last_lr()[0],
+                current.tokens * p.world / (time.perf_counter() - started),
+                current_skipped,
             )
-            if rank == 0:
+            if p.rank == 0:
                 try:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(metrics.__dict__) + "\n")
-                except OSError as err:  # the ranks learn it at the next check
+                except OSError as err:  # the ranks learn it at the next agreement
                     pending = f"could not write {metrics_path}: {describe_write_error(err)}"
                 try:
                     tracker.log(metrics.tracked(), step)
                 except Exception as err:  # the run goes on: metrics.jsonl has every step
                     warnings.warn(
-                        f"tracking.report_to = {recipe.tracking.report_to!r} failed at step "
-                        f"{step} ({err}); tracking stops, {metrics_path} keeps every step",
+                        f"tracking.report_to = {p.report_to!r} failed at step {step} ({err}); "
+                        f"tracking stops, {metrics_path} keeps every step",
                         stacklevel=1,
                     )
                     tracker = NoTracker()
-            if on_step is not None and rank == 0:
-                on_step(metrics)
-            if stage.save_steps and step % stage.save_steps == 0 and step < total_steps:
+                if on_step is not None:
+                    on_step(metrics)
+            if p.save_steps and step % p.save_steps == 0 and step < p.total_steps:
                 failed = save_checkpoint(
-                    engine, state / "checkpoints", step, plan.run, stage.save_total_limit, pending
+                    engine, p.state / "checkpoints", step, p.run, p.save_total_limit, pending
                 )
                 if failed:
                     fail(failed)
+            if stop:  # a bad sample in the next step's micro-batches
+                fail(stop)
             if stop_after is not None and done_this_run >= stop_after:
                 break
         else:
             failed = save_final(
-                engine, model, processor, recipe, stage_name, out, overwrite, pending
-            )
+                engine, p.model, p.processor, p.out, p.overwrite, p.dtype, p.provenance,
+                p.template, pending,
+            )  # fmt: skip
             if failed:
-                raise TrainingError(
-                    f"stage {stage_name}: {failed}; "
-                    + keep_trained_state(engine, state / "checkpoints", step, plan.run, stage)
+                kept = keep_trained_state(
+                    engine, p.state / "checkpoints", step, p.run, p.save_total_limit
                 )
+                raise TrainingError(f"stage {p.name}: {failed}; {kept}")
     finally:
         tracker.close()
 
-    skipped = gather_counts(skipped, world)
+    skipped = gather_counts(skipped, p.world)
     torch.distributed.barrier()  # every rank returns after rank 0 has written its files
-    return StageResult(
-        stage_name, out, step, *_first_last(metrics_path), metrics_path, dict(skipped)
-    )
+    return StageResult(p.name, p.out, step, *_first_last(metrics_path), metrics_path, dict(skipped))
+
+
+def run_stage(
+    recipe: Recipe,
+    stage_name: str,
+    run_dir: str | Path,
+    init: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    recipe_dir: str | Path = ".",
+    on_step: Callable[[StepMetrics], None] | None = None,
+    stop_after: int | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> StageResult:
+    """Train one stage of ``recipe``; writes ``run_dir/<stage>`` (HF checkpoint) and
+    ``run_dir/<stage>-state`` (DeepSpeed checkpoints, metrics.jsonl): ``setup_stage`` then
+    ``train``.
+
+    ``stop_after`` ends the process's work after that many optimizer steps without writing the
+    final checkpoint (a deliberate interruption, for resume tests). ``on_note`` gets, on rank 0,
+    a line at the start when the recipe's per-device batch changes for this world size."""
+    parts = setup_stage(recipe, stage_name, run_dir, init, resume, overwrite, recipe_dir, on_note)
+    return train(parts, on_step=on_step, stop_after=stop_after)
 
 
 @dataclass
-class _StepTotals:
-    """One optimizer step's means over its micro-batches (skipped ones weigh 0)."""
+class _Step:
+    """One optimizer step's micro-batches as this rank runs them, loaded before any pass."""
 
-    loss: float = 0.0
-    lm_loss: float = 0.0
-    aux_loss: float = 0.0  # per MoE layer
-    tokens: int = 0
+    passes: list[tuple[dict, float]] = field(default_factory=list)  # weight 0: a stand-in
+    tokens: int = 0  # tokens of the weighted passes (tokens/s)
     skipped: int = 0  # bad samples skipped on this rank
+    problem: str | None = None  # why every rank stops before running the step
 
 
-def _optimizer_step(
-    engine, batches, micro_steps, aux_layers, skip_bad, skipped, last_good, pending, rank, world,
-    fail, step, stand_in, first_micro,
-):  # fmt: skip
-    """One optimizer step over ``micro_steps`` micro-batches (DeepSpeed accumulates them; the
-    first is micro-batch ``first_micro`` of the epoch).
+class _StepLoader:
+    """This rank's micro-batches, one optimizer step at a time, with bad samples dealt with as
+    ``data.skip_bad_samples`` says."""
 
-    A bad sample stops every rank (``fail``) unless ``skip_bad``: then it is counted in
-    ``skipped`` and a micro-batch with no good sample left is a zero-weight pass over
-    ``last_good`` (the last good micro-batch) or, on a rank that has met none yet (the first
-    steps, or a resumed run), over ``stand_in(micro)``; so every rank runs the same forward and
-    backward passes and the ranks' collectives stay in step. Only when no sample of the stage is
-    good does every rank stop. A failure pending on rank 0 or a non-finite loss on any rank
-    stops every rank too. Returns the step's totals and the new ``last_good``."""
-    import torch
+    def __init__(self, parts: StageParts, skipped: Counter[str]):
+        self.parts, self.skipped = parts, skipped
+        self.batches, self.epoch, self.last_good = None, None, None
 
-    from moetool.data.pipeline import batch_tokens
+    def load(self, done: int) -> _Step:
+        """The micro-batches of step ``done + 1``. A bad sample stops every rank (``problem``)
+        unless ``skip_bad``: then it is counted in ``skipped``, and a micro-batch with no good
+        sample left becomes a zero-weight pass over the last good micro-batch or, on a rank that
+        has met none yet (the first steps, or a resumed run), over the next sample that encodes;
+        so every rank runs the same passes and the ranks' collectives stay in step. Only when no
+        sample of the stage is good is that a problem too."""
+        from moetool.data.pipeline import batch_tokens
 
-    totals = _StepTotals()
-    for micro in range(first_micro, first_micro + micro_steps):
-        batch, bad = next(batches)
-        problem, weight = None, 1.0
-        if bad and not skip_bad:
-            problem = bad[0].message
-        elif bad:
-            skipped.update(b.reason for b in bad)
-            totals.skipped += len(bad)
+        p = self.parts
+        epoch, within = divmod(done, p.steps_per_epoch)
+        if self.epoch != epoch:  # skip what a resumed run already trained on, unloaded
+            p.sampler.set_epoch(epoch, within * p.micro_steps)
+            self.batches, self.epoch = iter(p.loader), epoch
+        step = _Step()
+        for micro in range(within * p.micro_steps, (within + 1) * p.micro_steps):
+            batch, bad = next(self.batches)
+            if bad and not p.skip_bad:
+                step.problem = bad[0].message
+                return step
+            self.skipped.update(b.reason for b in bad)
+            step.skipped += len(bad)
+            weight = 1.0
             if batch is None:  # nothing left: a zero-weight pass keeps the ranks in step
-                if last_good is None:
-                    last_good = stand_in(micro)
-                if last_good is None:
-                    problem = (
+                if self.last_good is None:
+                    self.last_good = self._stand_in(epoch, micro)
+                if self.last_good is None:
+                    step.problem = (
                         "no sample of the stage's data can be used: every one is bad (this "
                         f"micro-batch's first: {bad[0].message})"
                     )
-                batch, weight = last_good, 0.0
-        # every rank stops together (a bad sample here, a failed metrics write on rank 0)
-        failed = failures_on_any_rank(problem or pending, rank, world)
-        if failed:
-            fail(failed)
-        if weight:
-            last_good = batch
-            totals.tokens += batch_tokens(batch)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        outputs = engine(**batch)
-        loss = outputs.loss
-        bad_loss = None if torch.isfinite(loss) else f"non-finite loss ({loss.item()})"
-        failed = failures_on_any_rank(bad_loss, rank, world)
-        if failed:
-            fail(f"{failed} at step {step}")
-        engine.backward(loss * weight if weight != 1.0 else loss)
-        engine.step()
-        totals.loss += weight * loss.item() / micro_steps
-        lm = getattr(outputs, "lm_loss", None)
-        totals.lm_loss += weight * (lm if lm is not None else loss).item() / micro_steps
-        aux = getattr(outputs, "aux_loss", None)
-        if aux is not None:
-            totals.aux_loss += weight * aux.item() / aux_layers / micro_steps
-    return totals, last_good
+                    return step
+                batch, weight = self.last_good, 0.0
+            else:
+                self.last_good = batch
+                step.tokens += batch_tokens(batch)
+            step.passes.append((batch, weight))
+        return step
+
+    def _stand_in(self, epoch: int, micro: int) -> dict | None:
+        """A good micro-batch for the zero-weight pass of a rank that has met none yet: the
+        first sample that encodes from its micro-batch ``micro`` of ``epoch`` on (the sampler's
+        order is untouched); ``None`` when no sample of the stage is good."""
+        from moetool.data.pipeline import Collate, first_good
+
+        p = self.parts
+        item = first_good(p.dataset, p.sampler.lookahead(epoch, micro))
+        return None if item is None else Collate(p.pad_token_id, p.packing).batch([item])
+
+
+def _loss_terms(outputs):
+    """A pass's loss, LM loss and aux loss (0 for a dense model) as one small device tensor,
+    read with the step's other passes, once."""
+    import torch
+
+    loss = outputs.loss.detach().float()
+    lm = getattr(outputs, "lm_loss", None)
+    aux = getattr(outputs, "aux_loss", None)
+    return torch.stack(
+        [
+            loss,
+            loss if lm is None else lm.detach().float(),
+            torch.zeros_like(loss) if aux is None else aux.detach().float(),
+        ]
+    )
+
+
+def _non_finite(values: list[list[float]], step: int) -> str | None:
+    """This rank's first non-finite loss of the step, in words."""
+    bad = next((loss for loss, _, _ in values if not math.isfinite(loss)), None)
+    return None if bad is None else f"non-finite loss ({bad}) at step {step}"
+
+
+def _step_means(
+    values: list[list[float]], weights: list[float], micro_steps: int, aux_layers: int
+) -> tuple[float, float, float]:
+    """The step's loss, LM loss and aux loss per MoE layer: means over its micro-batches, a
+    stand-in pass weighing 0 (summed in the order and float arithmetic of the per-pass reads
+    they replace, so the figures are those of earlier versions)."""
+    loss = lm_loss = aux_loss = 0.0
+    for weight, (pass_loss, pass_lm, pass_aux) in zip(weights, values, strict=True):
+        loss += weight * pass_loss / micro_steps
+        lm_loss += weight * pass_lm / micro_steps
+        if aux_layers:
+            aux_loss += weight * pass_aux / aux_layers / micro_steps
+    return loss, lm_loss, aux_loss
 
 
 def _first_last(metrics_path: Path) -> tuple[float, float]:
