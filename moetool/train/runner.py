@@ -210,14 +210,12 @@ class StageParts:
     micro_steps: int  # micro-batches per optimizer step (gradient accumulation)
     aux_layers: int  # MoE layers; 0 for a dense model
     skip_bad: bool  # data.skip_bad_samples
-    pad_token_id: int
-    packing: bool  # micro-batches packed without padding (stages.<name>.packing)
     save_steps: int
     save_total_limit: int
     overwrite: bool
     report_to: str  # the tracker's name, for its warning
     dtype: Any  # the stage's precision: the final checkpoint's dtype
-    provenance: dict  # the final config's moetool block: version, stage, recipe
+    provenance: dict  # the final config's moetool block: version, stage, recipe, attention
     template: str  # the chat template the final tokenizer carries
     skipped: Counter[str]  # bad samples parsing left out (counted on rank 0), by reason
 
@@ -391,8 +389,6 @@ def setup_stage(
         micro_steps=ds_config["gradient_accumulation_steps"],
         aux_layers=len(getattr(model, "moe_blocks", lambda: [])()),
         skip_bad=recipe.data.skip_bad_samples,
-        pad_token_id=processor.tokenizer.pad_token_id,
-        packing=stage.packing,
         save_steps=stage.save_steps,
         save_total_limit=stage.save_total_limit,
         overwrite=overwrite,
@@ -608,11 +604,12 @@ class _StepLoader:
         """A good micro-batch for the zero-weight pass of a rank that has met none yet: the
         first sample that encodes from its micro-batch ``micro`` of ``epoch`` on (the sampler's
         order is untouched); ``None`` when no sample of the stage is good."""
-        from moetool.data.pipeline import Collate, first_good
+        from moetool.data.pipeline import first_good
 
         p = self.parts
         item = first_good(p.dataset, p.sampler.lookahead(epoch, micro))
-        return None if item is None else Collate(p.pad_token_id, p.packing).batch([item])
+        # collated as the loader collates the stage's micro-batches (padded or packed)
+        return None if item is None else p.loader.collate_fn.batch([item])
 
 
 def _loss_terms(outputs):
