@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from moetool.models.families import Family, decoder_names
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # Fine-grained parts; recipe names such as "llm" and "ffn" are unions of these.
 PART_UNIONS = {

@@ -40,6 +40,11 @@ TRAINABLE_PARTS = (
 )
 SPARSE_ONLY_PARTS = ("experts", "routers")
 STAGE_NAMES = ("pretrain", "instruct", "moe_tune")
+# Parts whose linear layers take LoRA adapters (routers never: they are new and train in full).
+LORA_TARGETS = ("vision", "projector", "attention", "ffn", "experts", "lm_head")
+# Parts whose weights lora.quantize stores in 4 or 8 bits (the language model's linear layers
+# but its routers and head): they cannot also train in full.
+QUANTIZED_PARTS = ("attention", "ffn", "experts", "llm_other")
 
 
 def _template_problems(name: str) -> list[Problem]:
@@ -161,6 +166,52 @@ class StageSection:
 
 
 @dataclass(frozen=True)
+class LoraSection:
+    """Low-rank adapters (peft) on the ``targets`` of the ``stages`` listed, the rest of the
+    stage's ``trainable`` parts (the routers in stage III) training in full."""
+
+    stages: tuple[str, ...] = ("moe_tune",)  # the stages that train adapters
+    r: int = 128  # LLaVA-1.5's LoRA recipe (finetune_lora.sh): r 128, alpha 256, dropout 0.05
+    alpha: float = 256.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("ffn",)  # parts whose linear layers get adapters
+    # How the adapters of one layer's experts start: "independent" draws each expert's A from
+    # its own seed (the experts differ from the first step on); "identical" gives every expert
+    # of a layer the same adapter (they differ only through the tokens routed to them).
+    expert_init: Literal["independent", "identical"] = "independent"
+    quantize: Literal["none", "nf4", "int8"] = "none"  # frozen LM weights through bitsandbytes
+    save: Literal["merged", "adapter", "both"] = "merged"
+
+    def problems(self) -> list[Problem]:
+        out: list[Problem] = []
+        unknown = [s for s in self.stages if s not in STAGE_NAMES]
+        if unknown:
+            out.append(("stages", f"unknown stage(s) {unknown}; known: {', '.join(STAGE_NAMES)}"))
+        if not self.stages:
+            out.append(("stages", "is empty: name the stages that train adapters"))
+        if self.r <= 0:
+            out.append(("r", f"must be a positive integer, got {self.r}"))
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            out.append(("alpha", f"must be > 0, got {self.alpha}"))
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            out.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        if "routers" in self.targets:
+            out.append(
+                (
+                    "targets",
+                    "routers take no adapter: they are new matrices and train in full (list "
+                    "them in the stage's trainable)",
+                )
+            )
+        unknown = [t for t in self.targets if t not in LORA_TARGETS and t != "routers"]
+        if unknown:
+            out.append(("targets", f"unknown part(s) {unknown}; known: {', '.join(LORA_TARGETS)}"))
+        if not self.targets:
+            out.append(("targets", "is empty: name the parts that get adapters"))
+        return out
+
+
+@dataclass(frozen=True)
 class Stages:
     pretrain: StageSection | None = None
     instruct: StageSection | None = None
@@ -192,6 +243,7 @@ class Recipe:
     vision: VisionSection = field(default_factory=VisionSection)
     projector: ProjectorSection = field(default_factory=ProjectorSection)
     moe: MoEConfig | None = None  # the sparse architecture of stage III
+    lora: LoraSection | None = None  # adapters instead of full training, in the stages it names
     data: DataSection = field(default_factory=DataSection)
     stages: Stages = field(default_factory=Stages)
     tracking: TrackingSection = field(default_factory=TrackingSection)
@@ -229,7 +281,70 @@ class Recipe:
                 out.append(
                     (f"stages.{name}.trainable", f"{sparse_parts} need a sparse model: {why}")
                 )
+        out.extend(self._lora_problems())
         return out
+
+    def _lora_problems(self) -> list[Problem]:
+        from moetool.models.parts import expand_parts
+
+        lora = self.lora
+        if lora is None:
+            return []
+        out: list[Problem] = []
+        present = self.stages.present()
+        absent = [s for s in lora.stages if s in STAGE_NAMES and s not in present]
+        if absent:
+            out.append(("lora.stages", f"{absent} have no [stages.<name>] section in the recipe"))
+        targets = expand_parts(lora.targets) - {"routers"}  # reported in the section itself
+        for name in lora.stages:
+            stage = present.get(name)
+            if stage is None:
+                continue
+            if "experts" in lora.targets and (name != "moe_tune" or self.moe is None):
+                out.append(
+                    ("lora.targets", f"'experts' in stage {name}: only a sparse stage III has them")
+                )
+            both = sorted(expand_parts(stage.trainable) & targets)
+            if both:
+                out.append(
+                    (
+                        f"stages.{name}.trainable",
+                        f"{both} are also lora.targets: a part trains in full or through "
+                        "adapters, not both",
+                    )
+                )
+            if name == "moe_tune" and self.moe is not None and "routers" not in stage.trainable:
+                out.append(
+                    (
+                        f"stages.{name}.trainable",
+                        "lacks 'routers': with lora the new routers train in full (Eq. 5); "
+                        'set trainable = ["routers"]',
+                    )
+                )
+            quantized = sorted(expand_parts(stage.trainable) & set(QUANTIZED_PARTS))
+            if lora.quantize != "none" and quantized:
+                out.append(
+                    (
+                        f"stages.{name}.trainable",
+                        f"{quantized} are stored in {lora.quantize} with lora.quantize and "
+                        "cannot train in full",
+                    )
+                )
+            if lora.quantize != "none" and stage.zero_stage == 3:
+                out.append(
+                    (
+                        "lora.quantize",
+                        f"is {lora.quantize!r} but stages.{name}.zero_stage is 3: quantized "
+                        "weights are not partitioned; use zero_stage 2",
+                    )
+                )
+        return out
+
+    def lora_for(self, stage_name: str) -> LoraSection | None:
+        """The ``[lora]`` section when ``stage_name`` trains adapters, else None."""
+        if self.lora is not None and stage_name in self.lora.stages:
+            return self.lora
+        return None
 
     @property
     def moe_layer_indices(self) -> tuple[int, ...]:

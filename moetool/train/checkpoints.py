@@ -236,6 +236,13 @@ def training_plan(engine, world: int) -> dict:
     }
 
 
+def final_outputs(out: Path, lora_save: str | None) -> list[Path]:
+    """What a stage's final save writes: its checkpoint ``out`` and, for a stage with adapters,
+    ``<out>-adapter`` as ``lora.save`` says (the merged checkpoint first)."""
+    adapter = out.with_name(f"{out.name}-adapter")
+    return {None: [out], "merged": [out], "adapter": [adapter], "both": [out, adapter]}[lora_save]
+
+
 def save_final(
     engine,
     model,
@@ -246,29 +253,47 @@ def save_final(
     provenance: dict,
     template: str,
     pending: str | None = None,
+    lora_save: str | None = None,
 ) -> str | None:
     """The final HF checkpoint in ``dtype``, written by rank 0 into a temporary folder and
     renamed; its config's ``moetool`` block is ``provenance`` (version, stage, recipe) and the
-    training plan, its tokenizer carries the chat ``template``. Returns the agreed error of
-    every rank when it could not be written (nothing of it is left)."""
+    training plan, its tokenizer carries the chat ``template``. A stage with adapters (``model``
+    is a peft model) writes, as ``lora_save`` says, the merged checkpoint (an ordinary one) and
+    or the peft adapter in ``<out>-adapter``. Returns the agreed error of every rank when it
+    could not be written (nothing of it is left)."""
     import torch
 
     from moetool.data.templates import get_template
     from moetool.io import atomic_output_dir, check_free_space
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    state_dict = full_state_dict(engine.module, dtype, rank, engine.zero_optimization_stage() == 3)
+    partitioned = engine.zero_optimization_stage() == 3
+    state_dict = full_state_dict(engine.module, dtype, rank, partitioned)
+    plain, plain_state = model, state_dict
+    if lora_save == "adapter":
+        plain = model.get_base_model()  # whose config the adapter's checkpoint records
+    elif lora_save is not None:
+        from moetool.models.lora import merged_state_dict, plain_model
+
+        plain_state = merged_state_dict(model, state_dict, dtype, rank, partitioned)
+        plain = plain_model(model) if rank == 0 else None
     problem = pending
     if rank == 0 and problem is None:
+        written = final_outputs(out, lora_save)
         try:
-            check_free_space(out.parent, sum(t.nbytes for t in state_dict.values()))
-            model.config.use_cache = model.config.get_text_config().use_cache = True
-            model.config.moetool = {**provenance, "training": training_plan(engine, world)}
+            check_free_space(out.parent, sum(t.nbytes for t in plain_state.values()))
+            plain.config.use_cache = plain.config.get_text_config().use_cache = True
+            plain.config.moetool = {**provenance, "training": training_plan(engine, world)}
             get_template(template).attach(processor)
-            with atomic_output_dir(out, overwrite) as tmp:
-                model.save_pretrained(tmp, state_dict=state_dict)
-                processor.save_pretrained(tmp)
+            if out in written:
+                with atomic_output_dir(out, overwrite) as tmp:
+                    plain.save_pretrained(tmp, state_dict=plain_state)
+                    processor.save_pretrained(tmp)
+            if lora_save in ("adapter", "both"):
+                with atomic_output_dir(written[-1], overwrite) as tmp:
+                    model.save_pretrained(tmp, state_dict=state_dict)
+                    processor.save_pretrained(tmp)
         except Exception as err:  # the disk, a quota, permissions: say so on every rank
             problem = f"could not write the final checkpoint {out}: {describe_write_error(err)}"
-    del state_dict
+    del state_dict, plain_state
     return failures_on_any_rank(problem, rank, world)

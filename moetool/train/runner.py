@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from moetool.io import describe_write_error, inputs_inside
+from moetool.models.lora import LoraError, check_quantization
 from moetool.recipe.load import recipe_to_dict
 from moetool.recipe.schema import Recipe, StageSection
 from moetool.train import checkpoints
 from moetool.train.checkpoints import (
+    final_outputs,
     keep_trained_state,
     last_good_checkpoint,
     resume_point,
@@ -137,10 +139,17 @@ def _plan_stage(
     if stage is None:
         raise TrainingError(f"the recipe has no [stages.{stage_name}] section")
     check_stage_attention(recipe, stage_name)  # before anything is read or written
+    lora = recipe.lora_for(stage_name)
+    if lora is not None:
+        try:
+            check_quantization(lora)
+        except LoraError as err:
+            raise TrainingError(str(err)) from None
     out = run_dir / stage_name
     state = run_dir / f"{stage_name}-state"
-    if out.exists() and not overwrite:
-        raise TrainingError(f"{out} already exists (pass --overwrite to train it again)")
+    for written in final_outputs(out, lora.save if lora else None):
+        if written.exists() and not overwrite:
+            raise TrainingError(f"{written} already exists (pass --overwrite to train it again)")
     trained_before = (state / "checkpoints").exists() or (
         (state / "metrics.jsonl").exists() and (state / "metrics.jsonl").stat().st_size > 0
     )
@@ -161,7 +170,7 @@ def _plan_stage(
     image_folder = Path(recipe_dir) / recipe.data.image_folder
     # The stage writes (and --overwrite replaces) only <stage>/ and <stage>-state/: never
     # where one of its inputs lies.
-    for written in (out, state):
+    for written in (*final_outputs(out, lora.save if lora else None), state):
         inside = inputs_inside(written, [init, *data_files, image_folder])
         if inside:
             raise TrainingError(
@@ -218,6 +227,8 @@ class StageParts:
     provenance: dict  # the final config's moetool block: version, stage, recipe, attention
     template: str  # the chat template the final tokenizer carries
     skipped: Counter[str]  # bad samples parsing left out (counted on rank 0), by reason
+    seed: int  # each step's dropout is drawn from (seed, step, rank): a resumed run redraws it
+    lora_save: str | None = None  # with adapters: "merged", "adapter" or "both"
 
 
 def setup_stage(
@@ -296,11 +307,20 @@ def setup_stage(
             f"stages.{stage_name}.trainable {list(stage.trainable)} selects no "
             "parameter of this model"
         )
+    aux_layers = len(getattr(model, "moe_blocks", lambda: [])())
     if stage.gradient_checkpointing:
         enable_activation_checkpointing(model)
     # No KV cache in training: the language model reads its own config's flag, and with a
     # cache transformers ignores packed position ids (samples would attend to each other).
     model.config.use_cache = model.config.get_text_config().use_cache = False
+    lora = recipe.lora_for(stage_name)
+    if lora is not None:  # adapters on lora.targets; the trainable parts train in full
+        from moetool.models.lora import apply_lora
+
+        try:
+            model = apply_lora(model, lora, trainable)
+        except LoraError as err:
+            raise TrainingError(str(err)) from None
 
     steps_per_epoch = len(samples) // stage.global_batch_size
     if steps_per_epoch == 0:
@@ -387,7 +407,7 @@ def setup_stage(
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         micro_steps=ds_config["gradient_accumulation_steps"],
-        aux_layers=len(getattr(model, "moe_blocks", lambda: [])()),
+        aux_layers=aux_layers,
         skip_bad=recipe.data.skip_bad_samples,
         save_steps=stage.save_steps,
         save_total_limit=stage.save_total_limit,
@@ -403,6 +423,8 @@ def setup_stage(
         },
         template=recipe.data.template,
         skipped=skipped,
+        seed=stage.seed,
+        lora_save=lora.save if lora else None,
     )
 
 
@@ -448,6 +470,7 @@ def train(
             step += 1
             done_this_run += 1
             losses = []
+            torch.manual_seed(_step_seed(p.seed, step, p.rank))  # dropout, as a resumed run
             for i, (batch, weight) in enumerate(current.passes):
                 outputs = engine(**{k: v.to(engine.device) for k, v in batch.items()})
                 engine.backward(outputs.loss * weight if weight != 1.0 else outputs.loss)
@@ -505,7 +528,7 @@ def train(
         else:
             failed = save_final(
                 engine, p.model, p.processor, p.out, p.overwrite, p.dtype, p.provenance,
-                p.template, pending,
+                p.template, pending, p.lora_save,
             )  # fmt: skip
             if failed:
                 kept = keep_trained_state(
@@ -517,7 +540,14 @@ def train(
 
     skipped = gather_counts(skipped, p.world)
     torch.distributed.barrier()  # every rank returns after rank 0 has written its files
-    return StageResult(p.name, p.out, step, *_first_last(metrics_path), metrics_path, dict(skipped))
+    written = final_outputs(p.out, p.lora_save)[0]  # the merged checkpoint, else the adapter
+    first, last = _first_last(metrics_path)
+    return StageResult(p.name, written, step, first, last, metrics_path, dict(skipped))
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a step's random draws (dropout) on a rank: the same in a resumed run."""
+    return (seed * 1_000_003 + step) * 4099 + rank
 
 
 def run_stage(

@@ -85,8 +85,14 @@ def load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: P
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         init = target
+    quantized = {}
+    lora = recipe.lora_for(stage_name)
+    if lora is not None and lora.quantize != "none":  # QLoRA: the frozen LM weights in 4/8 bits
+        from moetool.models.lora import quantization_config
+
+        quantized["quantization_config"] = quantization_config(lora, dtype)
     model = AutoModelForImageTextToText.from_pretrained(
-        init, dtype=dtype, attn_implementation=attention
+        init, dtype=dtype, attn_implementation=attention, **quantized
     )
     conversions = getattr(model, "_weight_conversions", None)
     if conversions and is_deepspeed_zero3_enabled():

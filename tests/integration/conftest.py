@@ -60,3 +60,9 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "recipe.toml").write_text(text)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def colour_world():
+    """``write_colour_data``, for fixtures wider than one test (a shared dense run)."""
+    return write_colour_data

@@ -286,3 +286,42 @@ def test_paper_recipes_group_by_modality_length_in_stages_2_and_3(name):
     for stage_name in stages.present():
         grouped = getattr(stages, stage_name).group_by_modality_length
         assert grouped is (stage_name != "pretrain"), stage_name
+
+
+def test_lora_section_reports_every_problem_at_once(tmp_path):
+    text = (ROOT / "tiny/llama.toml").read_text()
+    path = tmp_path / "r.toml"
+    path.write_text(text.replace('extends = "_base.toml"', f'extends = "{ROOT}/tiny/_base.toml"'))
+    good = load_recipe(path, ['stages.moe_tune.trainable=["routers"]', 'lora.targets=["experts"]'])
+    assert good.lora_for("moe_tune").targets == ("experts",)
+    assert good.lora_for("instruct") is None  # lora.stages defaults to stage III only
+    with pytest.raises(RecipeError) as info:
+        load_recipe(
+            path,
+            [
+                "lora.r=0",
+                "lora.dropout=1.0",
+                "lora.alpha=-2",
+                'lora.targets=["experts", "routers", "mlp"]',
+                'lora.stages=["moe_tune", "instruct", "stage4"]',
+                "lora.quantize=nf4",
+                "stages.moe_tune.zero_stage=3",
+            ],
+        )
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert "lora.r: must be a positive integer, got 0" in text
+    assert "lora.dropout: must be in [0, 1), got 1.0" in text
+    assert "lora.alpha: must be > 0" in text
+    assert "lora.targets: routers take no adapter" in text
+    assert "lora.targets: unknown part(s) ['mlp']" in text
+    assert "lora.stages: unknown stage(s) ['stage4']" in text
+    # Across sections: stage III trains the whole FFN (the tiny recipe's trainable) while the
+    # experts get adapters; the instruct stage has no experts; nf4 cannot train the FFN in full
+    # nor be partitioned by ZeRO-3.
+    assert "stages.moe_tune.trainable: ['experts'] are also lora.targets" in text
+    assert "lora.targets: 'experts' in stage instruct" in text
+    assert "stages.moe_tune.trainable: ['experts', 'ffn'] are stored in nf4" in text
+    assert "lora.quantize: is 'nf4' but stages.moe_tune.zero_stage is 3" in text
+    with pytest.raises(RecipeError, match="lacks 'routers'"):
+        load_recipe(path, ['stages.moe_tune.trainable=["projector"]'] + ["lora.r=8"])
