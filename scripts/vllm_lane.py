@@ -121,3 +121,32 @@ def upcycled_checkpoint(root: Path, base: str, overrides: list[str], seed: int, 
     config = MoEConfig(drop_upcycling=0.5, **moe)
     upcycle_checkpoint(root / "dense", root / "sparse", config, seed=1)
     return root / "sparse"
+
+
+def lora_merged_checkpoint(sparse: Path, out: Path, seed: int) -> Path:
+    """``sparse`` with LoRA adapters on its FFNs and attention (peft, through moetool's
+    ``apply_lora``) and its routers trained in full, made non-zero at random as training would
+    leave them, then merged by moetool's final save (``merged_state_dict``): the checkpoint a LoRA
+    stage III writes. Runs in moetool's environment."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from moetool.models.lora import apply_lora, merged_state_dict, plain_model
+    from moetool.models.parts import set_trainable
+    from moetool.models.registration import register
+    from moetool.recipe.schema import LoraSection
+
+    register()
+    model = AutoModelForImageTextToText.from_pretrained(sparse, dtype=torch.float32)
+    lora = LoraSection(r=4, alpha=8, targets=("ffn", "attention"))
+    torch.manual_seed(seed)
+    peft_model = apply_lora(model, lora, set_trainable(model, ["routers"]))
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:  # B (zero at the start) and the routers' trained copies
+                param.add_(torch.randn_like(param) * 0.05)
+    state = {k: v.detach().clone() for k, v in peft_model.state_dict().items()}
+    merged = merged_state_dict(peft_model, state, torch.float32, rank=0, partitioned=False)
+    plain_model(peft_model).save_pretrained(out, state_dict=merged)
+    AutoProcessor.from_pretrained(sparse).save_pretrained(out)
+    return out

@@ -11,17 +11,67 @@ base weights dequantized by peft's helper.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from moetool.models.parts import expand_parts, parameter_parts
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from moetool.recipe.schema import LoraSection
-
 ADAPTER = "default"  # peft's adapter name: one adapter per stage
 PEFT_PREFIX = "base_model.model."  # what peft puts before the wrapped model's names
+
+
+# Parts whose linear layers take LoRA adapters (routers never: they are new and train in full).
+LORA_TARGETS = ("vision", "projector", "attention", "ffn", "experts", "lm_head")
+# Parts whose weights lora.quantize stores in 4 or 8 bits (the language model's linear layers
+# but its routers and head): they cannot also train in full.
+QUANTIZED_PARTS = ("attention", "ffn", "experts", "llm_other")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """Low-rank adapters (peft) on the ``targets`` of the ``stages`` listed, the rest of the
+    stage's ``trainable`` parts (the routers in stage III) training in full."""
+
+    stages: tuple[str, ...] = ("moe_tune",)  # the stages that train adapters
+    r: int = 128  # LLaVA-1.5's LoRA recipe (finetune_lora.sh): r 128, alpha 256, dropout 0.05
+    alpha: float = 256.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("ffn",)  # parts whose linear layers get adapters
+    # How the adapters of one layer's experts start: "independent" draws each expert's A from
+    # its own seed (the experts differ from the first step on); "identical" gives every expert
+    # of a layer the same adapter (they differ only through the tokens routed to them).
+    expert_init: Literal["independent", "identical"] = "independent"
+    quantize: Literal["none", "nf4", "int8"] = "none"  # frozen LM weights through bitsandbytes
+    save: Literal["merged", "adapter", "both"] = "merged"
+
+    def problems(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []  # (key, message); stage names are checked by the recipe
+        if not self.stages:
+            out.append(("stages", "is empty: name the stages that train adapters"))
+        if self.r <= 0:
+            out.append(("r", f"must be a positive integer, got {self.r}"))
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            out.append(("alpha", f"must be > 0, got {self.alpha}"))
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            out.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        if "routers" in self.targets:
+            out.append(
+                (
+                    "targets",
+                    "routers take no adapter: they are new matrices and train in full (list "
+                    "them in the stage's trainable)",
+                )
+            )
+        unknown = [t for t in self.targets if t not in LORA_TARGETS and t != "routers"]
+        if unknown:
+            out.append(("targets", f"unknown part(s) {unknown}; known: {', '.join(LORA_TARGETS)}"))
+        if not self.targets:
+            out.append(("targets", "is empty: name the parts that get adapters"))
+        return out
 
 
 class LoraError(ValueError):

@@ -14,6 +14,7 @@ from typing import Literal
 from moetool.models.arch import ModelSection, VisionSection  # the [model] and [vision] sections
 from moetool.models.attention import AttnImplementation  # noqa: F401  (model's annotation)
 from moetool.models.families import known_families  # noqa: F401  (docs read it)
+from moetool.models.lora import QUANTIZED_PARTS, LoraSection  # the [lora] section
 from moetool.models.moe.config import (  # noqa: F401  (the [moe] section and its layouts)
     LAYER_LAYOUTS,
     LayerLayout,
@@ -24,7 +25,7 @@ from moetool.models.moe.config import (  # noqa: F401  (the [moe] section and it
 
 # A problem is (dotted key relative to the section, message).
 Problem = tuple[str, str]
-__all__ = ["ModelSection", "VisionSection", "MoEConfig", "Recipe", "Problem"]
+__all__ = ["ModelSection", "VisionSection", "MoEConfig", "LoraSection", "Recipe", "Problem"]
 
 TRAINABLE_PARTS = (
     "vision",  # the vision tower
@@ -40,11 +41,6 @@ TRAINABLE_PARTS = (
 )
 SPARSE_ONLY_PARTS = ("experts", "routers")
 STAGE_NAMES = ("pretrain", "instruct", "moe_tune")
-# Parts whose linear layers take LoRA adapters (routers never: they are new and train in full).
-LORA_TARGETS = ("vision", "projector", "attention", "ffn", "experts", "lm_head")
-# Parts whose weights lora.quantize stores in 4 or 8 bits (the language model's linear layers
-# but its routers and head): they cannot also train in full.
-QUANTIZED_PARTS = ("attention", "ffn", "experts", "llm_other")
 
 
 def _template_problems(name: str) -> list[Problem]:
@@ -166,52 +162,6 @@ class StageSection:
 
 
 @dataclass(frozen=True)
-class LoraSection:
-    """Low-rank adapters (peft) on the ``targets`` of the ``stages`` listed, the rest of the
-    stage's ``trainable`` parts (the routers in stage III) training in full."""
-
-    stages: tuple[str, ...] = ("moe_tune",)  # the stages that train adapters
-    r: int = 128  # LLaVA-1.5's LoRA recipe (finetune_lora.sh): r 128, alpha 256, dropout 0.05
-    alpha: float = 256.0
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ("ffn",)  # parts whose linear layers get adapters
-    # How the adapters of one layer's experts start: "independent" draws each expert's A from
-    # its own seed (the experts differ from the first step on); "identical" gives every expert
-    # of a layer the same adapter (they differ only through the tokens routed to them).
-    expert_init: Literal["independent", "identical"] = "independent"
-    quantize: Literal["none", "nf4", "int8"] = "none"  # frozen LM weights through bitsandbytes
-    save: Literal["merged", "adapter", "both"] = "merged"
-
-    def problems(self) -> list[Problem]:
-        out: list[Problem] = []
-        unknown = [s for s in self.stages if s not in STAGE_NAMES]
-        if unknown:
-            out.append(("stages", f"unknown stage(s) {unknown}; known: {', '.join(STAGE_NAMES)}"))
-        if not self.stages:
-            out.append(("stages", "is empty: name the stages that train adapters"))
-        if self.r <= 0:
-            out.append(("r", f"must be a positive integer, got {self.r}"))
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            out.append(("alpha", f"must be > 0, got {self.alpha}"))
-        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
-            out.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
-        if "routers" in self.targets:
-            out.append(
-                (
-                    "targets",
-                    "routers take no adapter: they are new matrices and train in full (list "
-                    "them in the stage's trainable)",
-                )
-            )
-        unknown = [t for t in self.targets if t not in LORA_TARGETS and t != "routers"]
-        if unknown:
-            out.append(("targets", f"unknown part(s) {unknown}; known: {', '.join(LORA_TARGETS)}"))
-        if not self.targets:
-            out.append(("targets", "is empty: name the parts that get adapters"))
-        return out
-
-
-@dataclass(frozen=True)
 class Stages:
     pretrain: StageSection | None = None
     instruct: StageSection | None = None
@@ -291,6 +241,11 @@ class Recipe:
         if lora is None:
             return []
         out: list[Problem] = []
+        unknown = [s for s in lora.stages if s not in STAGE_NAMES]
+        if unknown:
+            out.append(
+                ("lora.stages", f"unknown stage(s) {unknown}; known: {', '.join(STAGE_NAMES)}")
+            )
         present = self.stages.present()
         absent = [s for s in lora.stages if s in STAGE_NAMES and s not in present]
         if absent:
