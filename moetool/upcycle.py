@@ -29,14 +29,13 @@ from moetool.checkpoint_io import (
 )
 from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
 from moetool.models.attention import checkpoint_attn_implementation
+from moetool.models.bases import get_base, is_sparse_model_type
 from moetool.models.build import carry_training_processor, checkpoint_aspect_ratio
 from moetool.models.moe.config import MoEConfig, MoEConfigError
 
-# Language-model FFN parameters: `<prefix>language_model<...>layers.<i>.mlp.<rest>`.
-_MLP_KEY = re.compile(
-    r"^(?P<prefix>.*language_model\.(?:model\.)?layers\.)(?P<layer>\d+)"
-    r"\.mlp\.(?P<rest>.+)$"
-)
+# Language-model FFN parameters of the LLaVA layout: `<prefix>language_model<...>layers.<i>.mlp.`;
+# other bases name theirs as their VLMBase says (``mlp_key``).
+_MLP_KEY = get_base("llava").mlp_key
 
 
 class UpcycleError(CheckpointError):
@@ -108,9 +107,11 @@ def plan_upcycle(
     hidden_size: int,
     moe: MoEConfig,
     seed: int = 0,
+    mlp_key: re.Pattern[str] = _MLP_KEY,
 ) -> UpcyclePlan:
     """Which output tensor comes from which dense tensor. ``entries`` maps names to
-    ``TensorEntry`` or ``(dtype, shape)``; order of the output follows the input."""
+    ``TensorEntry`` or ``(dtype, shape)``; order of the output follows the input. ``mlp_key``
+    finds the language model's FFN parameters (the base's on-disk names)."""
     try:
         moe = moe.resolved(num_layers)
     except MoEConfigError as err:
@@ -123,7 +124,7 @@ def plan_upcycle(
     mlp_keys: dict[int, dict[str, str]] = {}
     prefixes: dict[int, str] = {}
     for name in entries:
-        match = _MLP_KEY.match(name)
+        match = mlp_key.match(name)
         if match:
             layer = int(match["layer"])
             mlp_keys.setdefault(layer, {})[match["rest"]] = name
@@ -259,6 +260,7 @@ def upcycle_state_dict(dense: dict, plan: UpcyclePlan) -> dict:
 
 
 def load_source_config(src: Path) -> dict:
+    """The dense checkpoint's config: a VLM of a known base (``models.bases``)."""
     config_file = src / "config.json"
     try:
         config = json.loads(config_file.read_text())
@@ -266,16 +268,17 @@ def load_source_config(src: Path) -> dict:
         raise UpcycleError(f"{src}: not a checkpoint directory (no config.json)") from None
     except ValueError as err:
         raise UpcycleError(f"{config_file}: not valid JSON ({err})") from None
-    if config.get("model_type") == "moetool_llava" or "moe" in config:
+    if is_sparse_model_type(config.get("model_type")) or "moe" in config:
         raise UpcycleError(
             f"{src} is already sparse (its config has a moe section); upcycle "
             "takes a dense checkpoint"
         )
-    if config.get("model_type") != "llava" or "text_config" not in config:
-        raise UpcycleError(
-            f"{src}: expected a transformers LLaVA checkpoint (model_type "
-            f"'llava'), got model_type {config.get('model_type')!r}"
-        )
+    try:
+        get_base(str(config.get("model_type")))
+    except KeyError as err:
+        raise UpcycleError(f"{src}: {err.args[0]}") from None
+    if "text_config" not in config:
+        raise UpcycleError(f"{src}: its config has no text_config (the language model's)")
     return config
 
 
@@ -303,12 +306,15 @@ def upcycle_checkpoint(
     except UnsafeOverwriteError as err:
         raise UpcycleError(str(err)) from None
     config = load_source_config(src)
+    base = get_base(config["model_type"])
     text = config["text_config"]
     try:
         entries = read_checkpoint_index(src)
     except CheckpointError as err:
         raise UpcycleError(str(err)) from None
-    plan = plan_upcycle(entries, text["num_hidden_layers"], text["hidden_size"], moe, seed)
+    plan = plan_upcycle(
+        entries, text["num_hidden_layers"], text["hidden_size"], moe, seed, base.mlp_key
+    )
 
     sources = SourceFiles()
     handles: dict[Path, object] = {}
@@ -342,8 +348,10 @@ def upcycle_checkpoint(
         with atomic_output_dir(out, overwrite, inputs=[src]) as tmp:
             write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes, progress)
             sparse_config = dict(config)
-            sparse_config["model_type"] = "moetool_llava"
-            sparse_config["architectures"] = ["MoELlavaForConditionalGeneration"]
+            sparse_config["model_type"] = base.sparse_model_type
+            sparse_config["architectures"] = [
+                "MoE" + name for name in config.get("architectures") or []
+            ] or ["MoELlavaForConditionalGeneration"]
             sparse_config["moe"] = plan.moe.to_dict()
             sparse_config["moetool"] = {
                 "version": __version__,

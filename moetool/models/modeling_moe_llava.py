@@ -1,47 +1,62 @@
-"""The sparse LVLM: transformers' LLaVA with a MoE block in the chosen decoder layers.
+"""The sparse VLM: a dense transformers VLM with a MoE block in the chosen decoder layers of its
+language model.
 
-Works for any decoder-only language model whose layers have an ``mlp`` module: each expert is a
-module of the backbone's own MLP class. As in transformers' Qwen3-MoE, the blocks are stateless
-and the model computes the router losses from the router logits of every MoE layer.
+Works for every base of ``models.bases`` (LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, InternVL,
+Idefics3/SmolVLM, Gemma 3, Mistral 3) and any decoder whose layers have an ``mlp`` module: each
+expert is a module of the backbone's own MLP class. One set of classes per base is made from the
+base's own (``sparse_classes``): the same MoE block, ``MoEConfig``, loss path and router-logit
+recorder for all. As in transformers' Qwen3-MoE, the blocks are stateless and the model computes
+the router losses from the router logits of every MoE layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+import dataclasses
+import functools
+import sys
 
 import torch
-from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
 
-from moetool.models.configuration_moe_llava import MoELlavaConfig
+from moetool.models.bases import get_base
+from moetool.models.configuration_moe_llava import sparse_config_class
 from moetool.models.moe import MoEBlock, MoEConfig
 from moetool.models.moe.losses import router_losses as compute_router_losses
 from moetool.models.moe.recording import checkpoint_with_router_logits, recording_router_logits
 
-
-@dataclass
-class MoELlavaOutput(LlavaCausalLMOutputWithPast):
-    """LLaVA output plus the router losses. ``loss`` = LM loss + aux_loss_coef * aux_loss +
-    z_loss_coef * z_loss when labels are given (Eq. 7)."""
-
-    lm_loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # Eq. 9-11 summed over MoE layers (1.0 per balanced layer)
-    z_loss: torch.Tensor | None = None  # summed over MoE layers
-    router_logits: tuple[torch.Tensor, ...] | None = None  # per MoE layer, (batch * tokens, E)
+_ROUTER_FIELDS = {
+    "lm_loss": None,  # the LM loss alone
+    "aux_loss": None,  # Eq. 9-11 summed over MoE layers (1.0 per balanced layer)
+    "z_loss": None,  # summed over MoE layers
+    "router_logits": None,  # per MoE layer, (batch * tokens, E)
+}
 
 
-def decoder_layers(model: LlavaForConditionalGeneration):
-    return model.model.language_model.layers
+@functools.cache
+def output_class(dense_output: type) -> type:
+    """The base's output class plus the router losses. ``loss`` = LM loss + aux_loss_coef *
+    aux_loss + z_loss_coef * z_loss when labels are given (Eq. 7)."""
+    fields = [(name, torch.Tensor | tuple | None, dataclasses.field(default=None)) for name in
+              _ROUTER_FIELDS]  # fmt: skip
+    name = "MoE" + dense_output.__name__.removesuffix("OutputWithPast").removesuffix("Output")
+    cls = dataclasses.make_dataclass(name + "Output", fields, bases=(dense_output,))
+    cls.__module__ = __name__
+    setattr(sys.modules[__name__], cls.__name__, cls)  # picklable by name
+    return cls
 
 
-def make_sparse(model, layers, config: MoELlavaConfig) -> None:
-    """Replace the MLP of each MoE layer among the decoder ``layers`` of ``model`` (a LLaVA model
-    or its CausalLM) by a MoE block of copies of it, and initialise the new routers like the rest
-    of the model."""
-    moe = MoEConfig.from_dict(config.moe, config.text_config.num_hidden_layers)
-    hidden = config.text_config.hidden_size
+def decoder_layers(model):
+    """The language model's decoder layers of a VLM (or of its inner ``…Model``)."""
+    return model.get_decoder().layers
+
+
+def make_sparse(model, layers, config) -> None:
+    """Replace the MLP of each MoE layer among the decoder ``layers`` of ``model`` (a sparse
+    VLM or its inner model) by a MoE block of copies of it, and initialise the new routers like
+    the rest of the model."""
+    moe: MoEConfig = config.moe
+    text_config = config.get_text_config()
+    hidden = text_config.hidden_size
     partitioned = is_deepspeed_zero3_enabled()
     for index in moe.layers:
         mlp = layers[index].mlp
@@ -50,7 +65,7 @@ def make_sparse(model, layers, config: MoELlavaConfig) -> None:
             # would share its partition bookkeeping. Each expert is built as its own module
             # of the backbone's MLP class (every supported one takes the text config); the
             # weights come from the checkpoint being loaded.
-            experts = [mlp] + [type(mlp)(config.text_config) for _ in range(moe.num_experts - 1)]
+            experts = [mlp] + [type(mlp)(text_config) for _ in range(moe.num_experts - 1)]
             layers[index].mlp = MoEBlock(experts, hidden, moe)
         else:
             layers[index].mlp = MoEBlock.upcycle(mlp, hidden, moe)
@@ -59,32 +74,26 @@ def make_sparse(model, layers, config: MoELlavaConfig) -> None:
             model._init_weights(block.router)
 
 
-class MoELlavaModel(LlavaModel):
-    """The sparse LLaVA without its LM head: what ``AutoModel`` builds (vLLM's Transformers
+class SparseModelMixin:
+    """The sparse VLM without its LM head: what ``AutoModel`` builds (vLLM's Transformers
     backend builds this and adds its own head; see ``moetool.vllm_plugin``)."""
 
-    config_class = MoELlavaConfig
-    config: MoELlavaConfig
-    _no_split_modules = ["MoEBlock"]
-
-    def __init__(self, config: MoELlavaConfig):
-        super().__init__(config)
-        make_sparse(self, self.language_model.layers, config)
-
-
-class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    config_class = MoELlavaConfig
-    config: MoELlavaConfig
-    _no_split_modules = ["MoEBlock"]
-
-    def __init__(self, config: MoELlavaConfig):
+    def __init__(self, config):
         super().__init__(config)
         make_sparse(self, decoder_layers(self), config)
 
-    @cached_property
+
+class SparseForConditionalGenerationMixin:
+    """The sparse VLM: the base's ``…ForConditionalGeneration`` plus the router losses."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        make_sparse(self, decoder_layers(self), config)
+
+    @property
     def moe_config(self) -> MoEConfig:
         """The checked ``moe`` section (layers as indices, combine-weight mode decided)."""
-        return MoEConfig.from_dict(self.config.moe, self.config.text_config.num_hidden_layers)
+        return self.config.moe
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [m for m in self.modules() if isinstance(m, MoEBlock)]
@@ -107,28 +116,35 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
-        *args,
+        *,
         labels=None,
         router_losses: bool = True,
         output_router_logits: bool = False,
         **kwargs,
     ):
-        """LLaVA's forward, plus the router losses (``aux_loss``, ``z_loss``) summed over MoE
+        """The base's forward, plus the router losses (``aux_loss``, ``z_loss``) summed over MoE
         layers; ``router_losses=False`` leaves them out (None) unless labels are given.
-        ``output_router_logits`` returns every MoE layer's router logits too."""
+        ``output_router_logits`` returns every MoE layer's router logits too. Inputs by name
+        (the bases order their forward's arguments differently)."""
         compute_losses = router_losses or labels is not None
         return_dict = kwargs.pop("return_dict", None)
         # position_ids named in the signature: generate derives them from the attention mask
         # only for a forward that names them (left-padded batches need them).
-        call = (input_ids, pixel_values, attention_mask, position_ids, *args)
+        named = {
+            "input_ids": input_ids,
+            "pixel_values": pixel_values,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
+        call = {k: v for k, v in named.items() if v is not None} | kwargs
         logits = None
         if compute_losses or output_router_logits:
             self._checkpoint_router_logits()
             with recording_router_logits() as logits:
-                out = super().forward(*call, labels=labels, return_dict=True, **kwargs)
+                out = super().forward(labels=labels, return_dict=True, **call)
             self._check_router_logits(logits)
         else:
-            out = super().forward(*call, labels=labels, return_dict=True, **kwargs)
+            out = super().forward(labels=labels, return_dict=True, **call)
         aux = z = None
         if compute_losses:
             mask = self._token_mask(input_ids, attention_mask, kwargs.get("inputs_embeds"))
@@ -139,13 +155,13 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
             loss = loss + self.moe_config.aux_loss_coef * aux
             if self.moe_config.z_loss_coef:
                 loss = loss + self.moe_config.z_loss_coef * z
-        # Carry over whatever fields the installed transformers' LLaVA output holds (their names
+        # Carry over whatever fields the installed transformers' output holds (their names
         # change between releases: 5.24 renamed past_key_values and image_hidden_states), and add
         # ours; copying them by name broke every forward once.
         fields = {**out, "loss": loss, "lm_loss": out.loss, "aux_loss": aux, "z_loss": z}
         if output_router_logits:
             fields["router_logits"] = tuple(logits)
-        output = MoELlavaOutput(**fields)
+        output = output_class(type(out))(**fields)
         if not (return_dict if return_dict is not None else self.config.return_dict):
             return output.to_tuple()  # as transformers' models do
         return output
@@ -192,3 +208,41 @@ class MoELlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 f"{batch} sequences of {tokens} tokens"
             )
         return attention_mask[:, -tokens:].reshape(-1).bool()
+
+
+@functools.cache
+def sparse_classes(base_model_type: str) -> tuple[type, type, type]:
+    """The sparse config, inner model and ``…ForConditionalGeneration`` classes of a base, made
+    once from the base's own classes (``MoE`` + their names), each also a module attribute."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+        MODEL_MAPPING,
+    )
+
+    base = get_base(base_model_type)
+    dense_config = CONFIG_MAPPING[base.model_type]
+    config_class = sparse_config_class(base.model_type)
+    made = []
+    for mixin, dense in (
+        (SparseModelMixin, MODEL_MAPPING[dense_config]),
+        (SparseForConditionalGenerationMixin, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[dense_config]),
+    ):
+        name = f"MoE{dense.__name__}"
+        cls = type(
+            name,
+            (mixin, dense),
+            {
+                "__module__": __name__,
+                "__doc__": f"{dense.__name__} with MoE layers ({mixin.__doc__.splitlines()[0]})",
+                "config_class": config_class,
+                "_no_split_modules": [*(dense._no_split_modules or []), "MoEBlock"],
+            },
+        )
+        setattr(sys.modules[__name__], name, cls)  # picklable by name
+        made.append(cls)
+    setattr(sys.modules[config_class.__module__], config_class.__name__, config_class)
+    return config_class, *made
+
+
+_, MoELlavaModel, MoELlavaForConditionalGeneration = sparse_classes("llava")

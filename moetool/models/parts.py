@@ -39,33 +39,55 @@ def layer_child_part(name: str, family: Family) -> str:
 
 
 def parameter_parts(model: nn.Module) -> dict[str, str]:
-    """Map every parameter name of a LLaVA model (dense or sparse) to one part: vision,
-    projector, embeddings, attention, ffn (dense FFN), experts, routers, norms, lm_head or
-    llm_other."""
+    """Map every parameter name of a VLM (dense or sparse, any base of ``models.bases``) to one
+    part: vision, projector, embeddings, attention, ffn (dense FFN), experts, routers, norms,
+    lm_head or llm_other. Where each part sits comes from the base's entry (exact attribute
+    names); the decoder layers' children from the language model's family."""
+    from torch import nn
+
+    from moetool.models.bases import get_base
     from moetool.models.moe import MoEBlock
 
     inner = model.model
+    base = get_base(model.config.model_type)
     family = decoder_names(model.config.get_text_config().model_type)
     owner: dict[int, str] = {}
 
-    def claim(module: nn.Module, part: str) -> None:
-        for p in module.parameters():
+    def claim(item: nn.Module | nn.Parameter, part: str) -> None:
+        params = [item] if isinstance(item, nn.Parameter) else item.parameters()
+        for p in params:
             owner.setdefault(id(p), part)
 
-    claim(inner.vision_tower, "vision")
-    claim(inner.multi_modal_projector, "projector")
-    for layer in inner.language_model.layers:
+    for path in base.connector:  # first: a merger inside the vision encoder is the connector
+        claim(inner.get_submodule(path) if _is_module(inner, path) else _parameter(inner, path),
+              "projector")  # fmt: skip
+    claim(getattr(inner, base.vision), "vision")
+    language_model = getattr(inner, base.language_model)
+    for layer in language_model.layers:
         for name, child in layer.named_children():
             if isinstance(child, MoEBlock):
                 claim(child.router, "routers")
                 claim(child.experts, "experts")
             elif (part := layer_child_part(name, family)) != "other":
                 claim(child, part)
-    claim(inner.language_model.get_input_embeddings(), "embeddings")
-    claim(getattr(inner.language_model, family.final_norm), "norms")
+    claim(language_model.get_input_embeddings(), "embeddings")
+    claim(getattr(language_model, family.final_norm), "norms")
     claim(model.lm_head, "lm_head")
-    claim(inner.language_model, "llm_other")
+    claim(language_model, "llm_other")
     return {name: owner[id(p)] for name, p in model.named_parameters()}
+
+
+def _is_module(root: nn.Module, path: str) -> bool:
+    from torch import nn
+
+    head, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(head) if head else root
+    return isinstance(getattr(parent, leaf), nn.Module)
+
+
+def _parameter(root: nn.Module, path: str) -> nn.Parameter:
+    head, _, leaf = path.rpartition(".")
+    return getattr(root.get_submodule(head) if head else root, leaf)
 
 
 def expand_parts(parts: tuple[str, ...] | list[str]) -> set[str]:

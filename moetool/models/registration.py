@@ -23,7 +23,8 @@ _registering = False
 
 
 def register() -> None:
-    """Register ``moetool_llava`` with AutoConfig, AutoModel, AutoModelForImageTextToText and the
+    """Register the sparse model type of every base (``moetool_llava``, ``moetool_qwen3_vl``,
+    …; ``models.bases``) with AutoConfig, AutoModel, AutoModelForImageTextToText and its base's
     checkpoint key conversions (idempotent)."""
     global _done, _registering
     if _done or _registering:
@@ -36,21 +37,19 @@ def register() -> None:
             register_checkpoint_conversion_mapping,
         )
 
-        from moetool.models.configuration_moe_llava import MOE_MODEL_TYPE, MoELlavaConfig
-        from moetool.models.modeling_moe_llava import (
-            MoELlavaForConditionalGeneration,
-            MoELlavaModel,
-        )
+        from moetool.models.bases import get_base, known_bases
+        from moetool.models.modeling_moe_llava import sparse_classes
 
-        AutoConfig.register(MOE_MODEL_TYPE, MoELlavaConfig, exist_ok=True)
-        AutoModel.register(MoELlavaConfig, MoELlavaModel, exist_ok=True)
-        AutoModelForImageTextToText.register(
-            MoELlavaConfig, MoELlavaForConditionalGeneration, exist_ok=True
-        )
-        # Same checkpoint key layout as LLaVA (including its legacy `language_model.model.` keys).
-        register_checkpoint_conversion_mapping(
-            MOE_MODEL_TYPE, get_checkpoint_conversion_mapping("llava"), overwrite=True
-        )
+        for name in known_bases():
+            config_class, model_class, generation_class = sparse_classes(name)
+            sparse_type = get_base(name).sparse_model_type
+            AutoConfig.register(sparse_type, config_class, exist_ok=True)
+            AutoModel.register(config_class, model_class, exist_ok=True)
+            AutoModelForImageTextToText.register(config_class, generation_class, exist_ok=True)
+            # The base's checkpoint key layout (LLaVA's legacy `language_model.model.` keys, …).
+            conversions = get_checkpoint_conversion_mapping(name)
+            if conversions is not None:
+                register_checkpoint_conversion_mapping(sparse_type, conversions, overwrite=True)
         _done = True
     finally:
         _registering = False

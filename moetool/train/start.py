@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from moetool.models.attention import AttentionUnavailable, check_attn_implementation
+from moetool.models.bases import is_sparse_model_type
 from moetool.recipe.schema import Recipe, StageSection
 from moetool.train.engine import TrainingError, stage_dtype
 
@@ -73,7 +74,7 @@ def load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: P
     if not (init / "config.json").is_file():
         raise TrainingError(f"--init {init}: not a checkpoint directory (no config.json)")
     config = json.loads((init / "config.json").read_text())
-    sparse = config.get("model_type") == "moetool_llava"
+    sparse = is_sparse_model_type(config.get("model_type"))
     if stage_name == "moe_tune" and recipe.moe is not None and not sparse:
         # Upcycle on the fly from the recipe's [moe] section (exact copies of the FFNs).
         from moetool.upcycle import upcycle_checkpoint

@@ -76,6 +76,11 @@ def test_the_sparse_config_checks_its_section_on_load():
     text = LlamaConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2)
     vision = CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
     config = MoELlavaConfig(text_config=text, vision_config=vision, moe={"layers": "first-half"})
-    assert config.moe["layers"] == [0, 1] and config.moe["normalize_top_k"] is True
+    # A typed sub-config, read once: resolved in memory, plain data in the saved config.
+    assert isinstance(config.moe, MoEConfig)
+    assert config.moe.layers == (0, 1) and config.moe.normalize_top_k is True
+    saved = config.to_dict()["moe"]
+    assert saved["layers"] == [0, 1] and MoEConfig.from_dict(saved, 4) == config.moe
+    assert MoELlavaConfig.from_dict(config.to_dict()).moe == config.moe
     with pytest.raises(MoEConfigError, match="out of range"):
         MoELlavaConfig(text_config=text, vision_config=vision, moe={"layers": [7]})
