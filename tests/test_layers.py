@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "moetool.routing",
             "moetool.train",
             "moetool.tiny",
+            "moetool.tiny_vlm",
             "moetool.quickstart",
             "moetool.vllm_model",
             "moetool.vllm_plugin",
