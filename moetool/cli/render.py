@@ -29,6 +29,9 @@ LIBRARY_QUIET_ENV = {
 ROUTINE_LOG_LINES = {
     "DeepSpeed": ("Setting accelerator to CPU",),  # auto-detection on a machine with no GPU
     "torch.utils.cpp_extension": ("No CUDA runtime is found",),  # DeepSpeed's CPU op loader
+    # bitsandbytes (imported by peft whenever it is installed) on an AVX512-BF16 CPU without the
+    # optional `kernels` package: its own 4-bit CPU path runs instead.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
 }
 
 

@@ -112,13 +112,19 @@ def checkpoint_aspect_ratio(config: dict) -> str | None:
     """How a checkpoint's images were shaped in training ("pad" or "resize"), from its config's
     ``moetool`` block: the ``image_aspect_ratio`` upcycle and convert record, else the last
     stage's in the recipe snapshot, else "pad" (the schema's default, as moetool has always
-    treated such checkpoints). None for a checkpoint moetool did not write: its processor is
-    taken as shipped."""
+    treated such checkpoints). None for a checkpoint moetool did not write, or of a base other
+    than LLaVA-1.5's layout: its processor is taken as shipped."""
+    from moetool.models.bases import get_base
+
+    if get_base(config.get("model_type") or "llava").model_type != "llava":
+        return None  # another base shapes images with its own processor, as published
     meta = config.get("moetool")
     if not isinstance(meta, dict):
         return None
     if meta.get("image_aspect_ratio"):
         return meta["image_aspect_ratio"]
+    if not meta.get("recipe"):  # upcycled or converted from a checkpoint moetool did not train
+        return None
     stages = (meta.get("recipe") or {}).get("stages") or {}
     return (stages.get(meta.get("stage")) or {}).get("image_aspect_ratio", "pad")
 

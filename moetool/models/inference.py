@@ -98,8 +98,20 @@ def training_aspect_ratio(config) -> str:
     return checkpoint_aspect_ratio({"moetool": meta if isinstance(meta, dict) else {}}) or "pad"
 
 
-def build_prompt(tokenizer, question: str, images: int) -> str:
-    """The question with one ``<image>`` per image, in the checkpoint's chat template."""
+def build_prompt(processor, question: str, images: int, model_type: str = "llava") -> str:
+    """The question with its images in the checkpoint's chat template. LLaVA-layout checkpoints
+    (moetool's templates; ``processor`` may be the tokenizer): one ``<image>`` line per image.
+    Other bases (``model_type`` of the dense or sparse model): the base's own chat template
+    with one image part per image, as its processor expands them, and the assistant's turn
+    opened."""
+    from moetool.models.bases import get_base
+
+    if get_base(model_type).model_type != "llava":
+        content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+    tokenizer = getattr(processor, "tokenizer", processor)
     content = (IMAGE_TOKEN + "\n") * images + question if IMAGE_TOKEN not in question else question
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
@@ -130,8 +142,10 @@ def answer(
     tokenizer = processor.tokenizer
     # The processor shapes them as training did (load_checkpoint).
     flat = [im.convert("RGB") for ims in images for im in ims]
+    model_type = model.config.model_type
     prompts = [
-        build_prompt(tokenizer, q, len(ims)) for q, ims in zip(questions, images, strict=True)
+        build_prompt(processor, q, len(ims), model_type)
+        for q, ims in zip(questions, images, strict=True)
     ]
     inputs = processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
     inputs = inputs.to(device)

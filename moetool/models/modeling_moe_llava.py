@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
 
 import torch
@@ -229,20 +230,43 @@ def sparse_classes(base_model_type: str) -> tuple[type, type, type]:
         (SparseForConditionalGenerationMixin, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[dense_config]),
     ):
         name = f"MoE{dense.__name__}"
-        cls = type(
-            name,
-            (mixin, dense),
-            {
-                "__module__": __name__,
-                "__doc__": f"{dense.__name__} with MoE layers ({mixin.__doc__.splitlines()[0]})",
-                "config_class": config_class,
-                "_no_split_modules": [*(dense._no_split_modules or []), "MoEBlock"],
-            },
-        )
+        body = {
+            "__module__": __name__,
+            "__doc__": f"{dense.__name__} with MoE layers ({mixin.__doc__.splitlines()[0]})",
+            "config_class": config_class,
+            "_no_split_modules": [*(dense._no_split_modules or []), "MoEBlock"],
+        }
+        if mixin is SparseForConditionalGenerationMixin:
+            body["forward"] = _forward_with_signature_of(dense.forward)
+        cls = type(name, (mixin, dense), body)
         setattr(sys.modules[__name__], name, cls)  # picklable by name
         made.append(cls)
     setattr(sys.modules[config_class.__module__], config_class.__name__, config_class)
     return config_class, *made
+
+
+def _forward_with_signature_of(dense_forward):
+    """The sparse forward, taking its arguments as the base's forward does (by position too)
+    and showing its signature: generate passes the base's own inputs (``image_grid_thw``,
+    ``pixel_attention_mask``, ``image_sizes``, …) only to a forward that names them."""
+    signature = inspect.signature(dense_forward)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    ours = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for name, default in (("router_losses", True), ("output_router_logits", False))
+    ]
+    rest = [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+    shown = signature.replace(parameters=[*params, *ours, *rest])
+
+    def forward(self, *args, **kwargs):
+        arguments = shown.bind(self, *args, **kwargs).arguments
+        arguments.pop("self")
+        extra = arguments.pop(rest[0].name, {}) if rest else {}
+        return SparseForConditionalGenerationMixin.forward(self, **arguments, **extra)
+
+    forward.__signature__ = shown
+    forward.__doc__ = SparseForConditionalGenerationMixin.forward.__doc__
+    return forward
 
 
 _, MoELlavaModel, MoELlavaForConditionalGeneration = sparse_classes("llava")

@@ -46,10 +46,19 @@ def register() -> None:
             AutoConfig.register(sparse_type, config_class, exist_ok=True)
             AutoModel.register(config_class, model_class, exist_ok=True)
             AutoModelForImageTextToText.register(config_class, generation_class, exist_ok=True)
-            # The base's checkpoint key layout (LLaVA's legacy `language_model.model.` keys, …).
-            conversions = get_checkpoint_conversion_mapping(name)
-            if conversions is not None:
-                register_checkpoint_conversion_mapping(sparse_type, conversions, overwrite=True)
+            # The base's checkpoint key layout (LLaVA's legacy `language_model.model.` keys,
+            # Qwen2-VL's `model.layers.`, …), which transformers keys by model_type or by the
+            # dense class's name: the sparse type and classes get the same.
+            for key, dense_key in (
+                (sparse_type, name),
+                *(
+                    (cls.__name__, cls.__name__.removeprefix("MoE"))
+                    for cls in (model_class, generation_class)
+                ),
+            ):
+                conversions = get_checkpoint_conversion_mapping(dense_key)
+                if conversions is not None:
+                    register_checkpoint_conversion_mapping(key, conversions, overwrite=True)
         _done = True
     finally:
         _registering = False

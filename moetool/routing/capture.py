@@ -167,7 +167,7 @@ def capture_from_eval_data(
             options = [f"{o}. {chunk[o][i]}" for o in "ABCD" if o in chunk and chunk[o][i]]
             questions.append("\n".join([question, *options]))
         images = [image.convert("RGB") for image in chunk["image"]]
-        prompts = [build_prompt(processor.tokenizer, q, 1) for q in questions]
+        prompts = [build_prompt(processor, q, 1, model.config.model_type) for q in questions]
         batches.append(
             dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
         )

@@ -1,0 +1,114 @@
+"""Upcycling the dense VLMs people start from (every base of ``models.bases``): the sparse model
+gives the dense model's logits (fp32, 1e-4) on images of several sizes, loads through the Auto
+classes as the base's sparse class, and its parts are found by the base's entry."""
+
+import pytest
+import torch
+from PIL import Image
+
+import moetool  # noqa: F401  (registers the sparse model types)
+from moetool.models.bases import get_base, known_bases
+from moetool.models.build import save_checkpoint
+from moetool.models.moe import MoEConfig
+from moetool.models.parts import parameter_parts
+from moetool.tiny_vlm import build_random_vlm, vlm_inputs
+from moetool.upcycle import UpcycleError, upcycle_checkpoint
+
+
+def images(seed: int = 0) -> list[Image.Image]:
+    """Two images of different sizes and aspect ratios (tiling and dynamic resolution see them
+    differently)."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        Image.fromarray((torch.rand(40, 70, 3, generator=g) * 255).to(torch.uint8).numpy()),
+        Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()),
+    ]
+
+
+@pytest.fixture(scope="module")
+def dense_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    out = {}
+    for base in known_bases():
+        model, processor = build_random_vlm(base, seed=2)
+        save_checkpoint(model, processor, root / base)
+        out[base] = root / base
+    return out
+
+
+@pytest.mark.parametrize("base", known_bases())
+def test_upcycled_base_is_exact_and_loads_as_its_sparse_class(base, dense_bases, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    src = dense_bases[base]
+    upcycle_checkpoint(src, tmp_path / "sparse", MoEConfig(router_std=1.0))
+    dense = AutoModelForImageTextToText.from_pretrained(src).eval()
+    sparse = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse").eval()
+    assert sparse.config.model_type == get_base(base).sparse_model_type
+    assert type(sparse).__name__ == "MoE" + type(dense).__name__
+    assert sparse.moe_layer_indices() == [0, 2]
+    processor = AutoProcessor.from_pretrained(tmp_path / "sparse")
+    batch = vlm_inputs(processor, images(), ["What is here?", "Count the shapes."])
+    with torch.no_grad():
+        expected = dense(**batch).logits
+        out = sparse(**batch, output_router_logits=True)
+    assert (out.logits - expected).abs().max() <= 1e-4
+    # The routers see every token (images included) and route them somewhere non-trivially.
+    assert len(out.router_logits) == 2
+    assert out.router_logits[0].shape[0] == batch["input_ids"].numel()
+    assert out.router_logits[0].argmax(-1).unique().numel() > 1
+
+
+@pytest.mark.parametrize("base", known_bases())
+def test_parts_of_every_base_are_found_by_its_entry(base, dense_bases, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    upcycle_checkpoint(dense_bases[base], tmp_path / "sparse", MoEConfig())
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse")
+    parts = parameter_parts(model)
+    found = set(parts.values())
+    assert {"vision", "projector", "embeddings", "attention", "ffn", "experts", "routers"} <= found
+    entry = get_base(base)
+    vision = f"model.{entry.vision}."
+    connector = tuple(f"model.{c}" for c in entry.connector)
+    for name, part in parts.items():
+        if name.startswith(connector):
+            assert part == "projector", name
+        elif name.startswith(vision):
+            assert part == "vision", name
+        elif ".mlp.router." in name:
+            assert part == "routers", name
+        elif ".mlp.experts." in name:
+            assert part == "experts", name
+
+
+def test_an_unknown_vlm_is_refused_naming_the_known_bases(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "paligemma", "text_config": {}}')
+    with pytest.raises(UpcycleError, match="unknown vision-language model_type 'paligemma'"):
+        upcycle_checkpoint(tmp_path, tmp_path / "out", MoEConfig())
+
+
+@pytest.mark.parametrize("base", known_bases())
+def test_predict_on_a_sparse_base_answers_as_its_dense_model(base, dense_bases, tmp_path):
+    """Greedy generation through moetool's inference path (the base's chat template with an
+    image part, its processor, its generate inputs: image_grid_thw, pixel_attention_mask,
+    image_sizes, …, the KV cache) gives the dense model's answer from the upcycled one (some
+    random tiny models answer in special tokens only: an empty text, the same for both)."""
+    from moetool.models.inference import answer, load_checkpoint
+
+    upcycle_checkpoint(dense_bases[base], tmp_path / "sparse", MoEConfig(router_std=1.0))
+    picture = images(1)[:1]
+    answers = []
+    for path in (dense_bases[base], tmp_path / "sparse"):
+        model, processor = load_checkpoint(path)
+        answers.append(
+            answer(
+                model,
+                processor,
+                ["What is here?"],
+                [picture],
+                max_new_tokens=6,
+                generate_kwargs={"min_new_tokens": 6},
+            )  # fmt: skip
+        )
+    assert answers[0] == answers[1]
