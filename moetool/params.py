@@ -99,6 +99,14 @@ def _decoder_layers(model: nn.Module):
     raise ValueError(f"{type(model).__name__}: found no decoder layers with an `mlp` module")
 
 
+def _is_submodule(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def _numel(module: nn.Module, seen: set[int]) -> int:
     total = 0
     for p in module.parameters():
@@ -120,6 +128,7 @@ def count_model(
     layers the sparse model turns into ``num_experts`` copies of the FFN plus a bias-free router
     (hidden -> experts); activated counts keep ``top_k`` experts per MoE layer, routers included.
     """
+    from moetool.models.bases import get_base
     from moetool.models.families import decoder_names
     from moetool.models.parts import layer_child_part
 
@@ -127,14 +136,26 @@ def count_model(
     hidden_size = model.config.get_text_config().hidden_size
     family = decoder_names(model.config.get_text_config().model_type)
     inner = getattr(model, "model", model)
-    vision_tower = getattr(inner, "vision_tower", None)
-    projector = getattr(inner, "multi_modal_projector", None)
-    vision = _numel(vision_tower, seen) if vision_tower is not None else None
-    projector_count = _numel(projector, seen) if projector is not None else None
+    vision = projector_count = None
+    language_model = model
+    if model.config.get_text_config() is not model.config:  # a VLM: its base says where
+        base = get_base(model.config.model_type)
+        projector_count = 0  # first: Qwen-VL's merger sits inside the vision encoder
+        for path in base.connector:
+            item = inner.get_submodule(path) if _is_submodule(inner, path) else None
+            if item is None:  # a parameter (LLaVA-NeXT's image_newline)
+                head, _, leaf = path.rpartition(".")
+                param = getattr(inner.get_submodule(head) if head else inner, leaf)
+                projector_count += 0 if id(param) in seen else param.numel()
+                seen.add(id(param))
+            else:
+                projector_count += _numel(item, seen)
+        vision = _numel(getattr(inner, base.vision), seen)
+        language_model = getattr(inner, base.language_model)
 
     total = dict.fromkeys(COMPONENTS, 0)
     activated = dict.fromkeys(COMPONENTS, 0)
-    layers = _decoder_layers(getattr(inner, "language_model", model))
+    layers = _decoder_layers(language_model)
     for index, layer in enumerate(layers):
         for child_name, child in layer.named_children():
             count = _numel(child, seen)
@@ -319,8 +340,9 @@ def count_config(
     top_k: int = 2,
     layers: str = "interval",
 ) -> ParamReport:
-    """Counts for a local transformers ``config.json`` (a LLaVA config or a causal LM), with an
-    optional MoE plan; no weights are read."""
+    """Counts for a local transformers ``config.json`` (a VLM of a known base, a causal LM, or a
+    sparse moetool checkpoint's config, counted with its own ``moe`` plan), with an optional
+    MoE plan; no weights are read."""
     from moetool.models.moe.config import MoEConfig, parse_layer_layout
 
     config_file = Path(path)
@@ -345,9 +367,22 @@ def count_config(
             raise ValueError("; ".join(f"{flags[k]}: {m}" for k, m in problems))
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from moetool.models.bases import get_base, is_sparse_model_type, known_bases
 
     model_type = raw.get("model_type")
+    if is_sparse_model_type(model_type):  # the dense base, with the checkpoint's own plan
+        if moe is not None:
+            raise ValueError(
+                f"{config_file} is a sparse checkpoint's config (its moe section is the plan); "
+                "leave out --experts, --topk and --layers"
+            )
+        saved = raw.get("moe") or {}
+        moe = MoEConfig.from_dict(saved)
+        num_experts, top_k = moe.num_experts, moe.top_k
+        model_type = get_base(model_type).model_type
+        raw = {k: v for k, v in raw.items() if k not in ("moe", "moetool", "auto_map")}
     try:
         config = AutoConfig.for_model(
             model_type, **{k: v for k, v in raw.items() if k != "model_type"}
@@ -359,8 +394,8 @@ def count_config(
         ) from None
     text = config.get_text_config()
     with torch.device("meta"):
-        if model_type == "llava":
-            model = LlavaForConditionalGeneration(config)
+        if model_type in known_bases():
+            model = AutoModelForImageTextToText.from_config(config)
         else:
             model = AutoModelForCausalLM.from_config(config)
     moe_layers: tuple[int, ...] = ()
@@ -372,7 +407,13 @@ def count_config(
     exact = count_model(model, moe_layers, num_experts or 1, top_k if num_experts else 1)
     from torch import nn
 
-    mlp = _decoder_layers(getattr(getattr(model, "model", model), "language_model", model))[0].mlp
+    inner = getattr(model, "model", model)
+    decoder = (
+        getattr(inner, get_base(model_type).language_model)
+        if model_type in known_bases()
+        else model
+    )
+    mlp = _decoder_layers(decoder)[0].mlp
     dims = Eq12Dims(
         embedding=text.vocab_size,
         width=text.hidden_size,

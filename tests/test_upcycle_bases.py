@@ -112,3 +112,30 @@ def test_predict_on_a_sparse_base_answers_as_its_dense_model(base, dense_bases, 
             )  # fmt: skip
         )
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("base", known_bases())
+def test_param_count_of_a_sparse_base_config_counts_its_model(base, dense_bases, tmp_path):
+    """``param-count --config`` on the upcycled checkpoint's config: the language model's total
+    is the sparse model's own parameter count (vision encoder and connector apart, as the
+    paper counts); the same as the dense config with the same plan."""
+    from transformers import AutoModelForImageTextToText
+
+    from moetool.params import count_config
+
+    upcycle_checkpoint(dense_bases[base], tmp_path / "sparse", MoEConfig())
+    report = count_config(tmp_path / "sparse" / "config.json")
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse")
+    parts = parameter_parts(model)
+    named = dict(model.named_parameters())
+    lm = sum(named[n].numel() for n, part in parts.items() if part not in ("vision", "projector"))
+    assert report.exact_total == lm
+    assert report.vision_params == sum(
+        named[n].numel() for n, part in parts.items() if part == "vision"
+    )
+    planned = count_config(dense_bases[base] / "config.json", num_experts=4, top_k=2)
+    assert (planned.exact_total, planned.exact_activated) == (
+        report.exact_total,
+        report.exact_activated,
+    )
+    assert report.exact_activated < report.exact_total
