@@ -139,3 +139,24 @@ def test_param_count_of_a_sparse_base_config_counts_its_model(base, dense_bases,
         report.exact_activated,
     )
     assert report.exact_activated < report.exact_total
+
+
+@pytest.mark.parametrize("base", known_bases())
+def test_routing_capture_marks_each_base_image_tokens(base, dense_bases, tmp_path):
+    """Routing capture on an upcycled base, asked as the evaluation asks (the base's chat
+    template and processor): every token routed top-2 in every MoE layer, the image tokens
+    (the base's image token id, as many as its processor expanded) marked as such."""
+    from moetool.models.inference import build_prompt, load_checkpoint
+    from moetool.routing.capture import capture_routing
+
+    upcycle_checkpoint(dense_bases[base], tmp_path / "sparse", MoEConfig(router_std=1.0))
+    model, processor = load_checkpoint(tmp_path / "sparse")
+    prompt = build_prompt(processor, "What is here?", 1, model.config.model_type)
+    batch = dict(processor(images=images(2)[:1], text=[prompt], return_tensors="pt"))
+    records = capture_routing(model, [batch]).records
+    image_tokens = int((batch["input_ids"] == model.config.image_token_id).sum())
+    assert image_tokens > 0
+    for layer in (0, 2):
+        rows = records[records.layer == layer]
+        assert len(rows) == 2 * batch["input_ids"].numel()
+        assert (rows.modality == "image").sum() == 2 * image_tokens
