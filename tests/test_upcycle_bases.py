@@ -36,18 +36,25 @@ def dense_bases(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def sparse_bases(dense_bases, tmp_path_factory):
+    """Each base upcycled once (routers drawn wide: tokens spread over the experts)."""
+    root = tmp_path_factory.mktemp("sparse")
+    for base, src in dense_bases.items():
+        upcycle_checkpoint(src, root / base, MoEConfig(router_std=1.0))
+    return {base: root / base for base in dense_bases}
+
+
 @pytest.mark.parametrize("base", known_bases())
-def test_upcycled_base_is_exact_and_loads_as_its_sparse_class(base, dense_bases, tmp_path):
+def test_upcycled_base_is_exact_and_loads_as_its_sparse_class(base, dense_bases, sparse_bases):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    src = dense_bases[base]
-    upcycle_checkpoint(src, tmp_path / "sparse", MoEConfig(router_std=1.0))
-    dense = AutoModelForImageTextToText.from_pretrained(src).eval()
-    sparse = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse").eval()
+    dense = AutoModelForImageTextToText.from_pretrained(dense_bases[base]).eval()
+    sparse = AutoModelForImageTextToText.from_pretrained(sparse_bases[base]).eval()
     assert sparse.config.model_type == get_base(base).sparse_model_type
     assert type(sparse).__name__ == "MoE" + type(dense).__name__
     assert sparse.moe_layer_indices() == [0, 2]
-    processor = AutoProcessor.from_pretrained(tmp_path / "sparse")
+    processor = AutoProcessor.from_pretrained(sparse_bases[base])
     batch = vlm_inputs(processor, images(), ["What is here?", "Count the shapes."])
     with torch.no_grad():
         expected = dense(**batch).logits
@@ -60,11 +67,10 @@ def test_upcycled_base_is_exact_and_loads_as_its_sparse_class(base, dense_bases,
 
 
 @pytest.mark.parametrize("base", known_bases())
-def test_parts_of_every_base_are_found_by_its_entry(base, dense_bases, tmp_path):
+def test_parts_of_every_base_are_found_by_its_entry(base, sparse_bases):
     from transformers import AutoModelForImageTextToText
 
-    upcycle_checkpoint(dense_bases[base], tmp_path / "sparse", MoEConfig())
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse")
+    model = AutoModelForImageTextToText.from_pretrained(sparse_bases[base])
     parts = parameter_parts(model)
     found = set(parts.values())
     assert {"vision", "projector", "embeddings", "attention", "ffn", "experts", "routers"} <= found
@@ -89,17 +95,16 @@ def test_an_unknown_vlm_is_refused_naming_the_known_bases(tmp_path):
 
 
 @pytest.mark.parametrize("base", known_bases())
-def test_predict_on_a_sparse_base_answers_as_its_dense_model(base, dense_bases, tmp_path):
+def test_predict_on_a_sparse_base_answers_as_its_dense_model(base, dense_bases, sparse_bases):
     """Greedy generation through moetool's inference path (the base's chat template with an
     image part, its processor, its generate inputs: image_grid_thw, pixel_attention_mask,
     image_sizes, …, the KV cache) gives the dense model's answer from the upcycled one (some
     random tiny models answer in special tokens only: an empty text, the same for both)."""
     from moetool.models.inference import answer, load_checkpoint
 
-    upcycle_checkpoint(dense_bases[base], tmp_path / "sparse", MoEConfig(router_std=1.0))
     picture = images(1)[:1]
     answers = []
-    for path in (dense_bases[base], tmp_path / "sparse"):
+    for path in (dense_bases[base], sparse_bases[base]):
         model, processor = load_checkpoint(path)
         answers.append(
             answer(
@@ -115,7 +120,7 @@ def test_predict_on_a_sparse_base_answers_as_its_dense_model(base, dense_bases, 
 
 
 @pytest.mark.parametrize("base", known_bases())
-def test_param_count_of_a_sparse_base_config_counts_its_model(base, dense_bases, tmp_path):
+def test_param_count_of_a_sparse_base_config_counts_its_model(base, dense_bases, sparse_bases):
     """``param-count --config`` on the upcycled checkpoint's config: the language model's total
     is the sparse model's own parameter count (vision encoder and connector apart, as the
     paper counts); the same as the dense config with the same plan."""
@@ -123,9 +128,8 @@ def test_param_count_of_a_sparse_base_config_counts_its_model(base, dense_bases,
 
     from moetool.params import count_config
 
-    upcycle_checkpoint(dense_bases[base], tmp_path / "sparse", MoEConfig())
-    report = count_config(tmp_path / "sparse" / "config.json")
-    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "sparse")
+    report = count_config(sparse_bases[base] / "config.json")
+    model = AutoModelForImageTextToText.from_pretrained(sparse_bases[base])
     parts = parameter_parts(model)
     named = dict(model.named_parameters())
     lm = sum(named[n].numel() for n, part in parts.items() if part not in ("vision", "projector"))
@@ -142,15 +146,14 @@ def test_param_count_of_a_sparse_base_config_counts_its_model(base, dense_bases,
 
 
 @pytest.mark.parametrize("base", known_bases())
-def test_routing_capture_marks_each_base_image_tokens(base, dense_bases, tmp_path):
+def test_routing_capture_marks_each_base_image_tokens(base, sparse_bases):
     """Routing capture on an upcycled base, asked as the evaluation asks (the base's chat
     template and processor): every token routed top-2 in every MoE layer, the image tokens
     (the base's image token id, as many as its processor expanded) marked as such."""
     from moetool.models.inference import build_prompt, load_checkpoint
     from moetool.routing.capture import capture_routing
 
-    upcycle_checkpoint(dense_bases[base], tmp_path / "sparse", MoEConfig(router_std=1.0))
-    model, processor = load_checkpoint(tmp_path / "sparse")
+    model, processor = load_checkpoint(sparse_bases[base])
     prompt = build_prompt(processor, "What is here?", 1, model.config.model_type)
     batch = dict(processor(images=images(2)[:1], text=[prompt], return_tensors="pt"))
     records = capture_routing(model, [batch]).records
