@@ -1,4 +1,5 @@
-"""``moetool export``: a sparse checkpoint as a native transformers MoE LLaVA checkpoint."""
+"""``moetool export``: a sparse checkpoint as a native transformers checkpoint of its VLM with a
+native MoE language model."""
 
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ def export(
         str,
         typer.Option(
             "--to",
-            help="Output format: native (a transformers LLaVA whose language model is "
-            "qwen3_moe, qwen2_moe or mixtral).",
+            help="Output format: native (the same transformers VLM whose language model is "
+            "qwen3_moe, qwen2_moe or mixtral; Qwen3-VL: qwen3_vl_moe).",
         ),
     ] = "native",
     target: Annotated[
         str,
         typer.Option(
             "--target",
-            help="auto (the simplest exact one) | qwen3_moe | qwen2_moe | mixtral.",
+            help="auto (the simplest exact one) | qwen3_moe | qwen2_moe | mixtral | qwen3_vl_moe.",
         ),
     ] = "auto",
     overwrite: Annotated[
@@ -50,7 +51,10 @@ def export(
         "out": str(out),
         "target": plan.target,
         "why": plan.why,
-        "architecture": plan.config["text_config"]["architectures"][0],
+        "vlm": plan.config["architectures"][0],
+        "architecture": plan.config["text_config"].get(
+            "architectures", plan.config["architectures"]
+        )[0],
         "tensors": len(plan.tensors),
         "bytes": sum(t.nbytes for t in plan.tensors),
     }
@@ -58,6 +62,7 @@ def export(
         print_json(summary)
         return
     console.print(
-        f"[green]exported[/] {src} -> {out}: LLaVA with a {plan.target} language model "
+        f"[green]exported[/] {src} -> {out}: {plan.config['architectures'][0]} with a "
+        f"{plan.target} language model "
         f"({plan.why}); loads with transformers alone"
     )

@@ -38,6 +38,13 @@ class VLMBase:
         return SPARSE_PREFIX + self.model_type
 
     @property
+    def layer_key(self) -> re.Pattern[str]:
+        """On-disk names of the language model's decoder-layer parameters: prefix, layer, the
+        rest."""
+        prefixes = "|".join(self.layer_keys)
+        return re.compile(rf"^(?P<prefix>(?:{prefixes}))(?P<layer>\d+)\.(?P<rest>.+)$")
+
+    @property
     def mlp_key(self) -> re.Pattern[str]:
         """On-disk names of the language model's FFN parameters: prefix, layer, the rest."""
         prefixes = "|".join(self.layer_keys)
