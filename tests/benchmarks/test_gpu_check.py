@@ -89,6 +89,10 @@ def test_the_dry_run_reports_every_part(tmp_path):
     # Packing changes the layout, not the sums: the same losses.
     assert packing["packed"]["loss_last"] == pytest.approx(packing["padded"]["loss_last"], 1e-4)
     assert positive(packing["packed_over_padded_tokens_per_s"])
+    lora = data["lora"]  # stage III with adapters from the sdpa run's stage II checkpoint
+    for name in ("lora", "qlora"):
+        check_stage(lora[name], 3)
+        assert positive(lora[f"{name}_over_full_tokens_per_s"])
     check_moe_block(data["moe_block"])
     assert data["budget"] == {"budget_s": 420.0, "exceeded": False, "skipped_parts": []}
     assert positive(data["seconds_total"])
@@ -101,6 +105,7 @@ def test_a_failing_stage_is_recorded_and_the_other_parts_still_run(tmp_path):
     assert "missing.json" in stages["pretrain"]["error"]
     assert stages["instruct"] == stages["moe_tune"] == {"skipped": "stage pretrain failed"}
     assert "missing.json" in data["packing"]["error"]  # it trains its own stage I: the same
+    assert data["lora"]["skipped"] == "the sdpa stages left no stage II checkpoint"
     check_moe_block(data["moe_block"])
     assert data["environment"]["torch"]
 
@@ -109,8 +114,10 @@ def test_parts_not_started_within_the_budget_are_skipped(tmp_path):
     code, data = gpu_check(tmp_path, "--budget-s", "0")
     assert code == 0
     assert data["budget"]["exceeded"] is True
-    assert data["budget"]["skipped_parts"] == ["environment", "stages.sdpa", "packing", "moe_block"]
-    for part in (data["environment"], data["stages"]["sdpa"], data["packing"], data["moe_block"]):
+    skipped = ["environment", "stages.sdpa", "packing", "lora", "moe_block"]
+    assert data["budget"]["skipped_parts"] == skipped
+    for part in (data["environment"], data["stages"]["sdpa"], data["packing"], data["moe_block"],
+                 data["lora"]):  # fmt: skip
         assert part["skipped"].startswith("budget of 0 s spent")
 
 
