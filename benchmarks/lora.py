@@ -8,8 +8,9 @@ process (its peak memory is its own), through moetool's own pieces: the stage's 
 (``quantization_config`` for QLoRA), ``set_trainable``, ``apply_lora``, the stage's optimizer and
 DeepSpeed ZeRO-2 config, fp32 on the CPU, batch 1 x ``--seq`` text tokens. Per way: trainable
 parameters, optimizer-state bytes (AdamW's two moments, what DeepSpeed's optimizer holds), the
-process's peak resident memory after the steps and after loading, and the median step time over
-``--steps`` after one warm-up step. Ratios against full tuning.
+model's stored weight bytes, the process's resident memory after the steps and its peak (on a
+CPU the peak includes loading: QLoRA reads fp32 weights before quantizing them), and the median
+step time over ``--steps`` after one warm-up step. Ratios against full tuning.
 
     python benchmarks/lora.py [--hidden 1024 --layers 8 --ffn 2816 --r 16 --steps 3]
 """
@@ -63,6 +64,7 @@ def peak_rss_bytes() -> int:
 def run_way(way: str, checkpoint: Path, args) -> dict:
     """One way, in this process: load, wrap, train ``--steps`` + 1 steps."""
     import deepspeed
+    import psutil
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -113,14 +115,19 @@ def run_way(way: str, checkpoint: Path, args) -> dict:
         engine.step()
         times.append(time.perf_counter() - started)
         losses.append(loss.item())
+    rss_now = psutil.Process().memory_info().rss  # after the steps: the run's working set
     state_bytes = sum(
         t.numel() * t.element_size()
         for state in engine.basic_optimizer.state.values()
         for t in state.values()
         if torch.is_tensor(t) and t.dim() > 0
     )
+    weights = [*engine.module.parameters(), *engine.module.buffers()]
     return {
         "trainable_params": sum(p.numel() for p in params),
+        # the model's weights as stored (4-bit where quantized), adapters and buffers included
+        "model_bytes": sum(t.numel() * t.element_size() for t in weights),
+        "rss_after_steps_bytes": rss_now,
         "optimizer_state_bytes": state_bytes,
         "peak_rss_bytes": peak_rss_bytes(),
         "rss_after_load_bytes": loaded_rss,
@@ -175,7 +182,13 @@ def main() -> None:
             continue
         ratios[way] = {
             key: results[way][key] / full[key]
-            for key in ("trainable_params", "optimizer_state_bytes", "peak_rss_bytes")
+            for key in (
+                "trainable_params",
+                "optimizer_state_bytes",
+                "model_bytes",
+                "rss_after_steps_bytes",
+                "peak_rss_bytes",
+            )
         }
         ratios[way]["step_time"] = results[way]["step_seconds_median"] / full["step_seconds_median"]
     setting = {
