@@ -1,7 +1,8 @@
 """moetool: sparse Mixture-of-Experts vision-language models (MoE-LLaVA), from recipe to eval.
 
-Importing moetool registers the sparse LVLM (model type ``moetool_llava``) with transformers'
-Auto classes, so ``AutoModelForImageTextToText.from_pretrained`` loads moetool checkpoints.
+Importing moetool registers the sparse VLM of every base (model types ``moetool_llava``,
+``moetool_qwen3_vl``, …; ``moetool.models.bases``) with transformers' Auto classes, so
+``AutoModelForImageTextToText.from_pretrained`` loads moetool checkpoints.
 """
 
 from moetool._version import __version__
