@@ -53,18 +53,20 @@ class VLMBase:
 
 _QWEN_VL_KEYS = (r"model\.layers\.", r"model\.language_model\.layers\.")  # older, newer
 _QWEN_VL_MERGER = ("visual.merger",)
+_IDEFICS3_LAYOUT = {
+    "language_model": "text_model",
+    "vision": "vision_model",
+    "connector": ("connector",),
+    "layer_keys": (r"model\.text_model\.layers\.",),
+}
 _BASES: dict[str, VLMBase] = {
     base.model_type: base
     for base in (
         VLMBase("llava"),
         VLMBase("llava_next", connector=("multi_modal_projector", "image_newline")),
         VLMBase("llava_onevision", connector=("multi_modal_projector", "image_newline")),
-        VLMBase(
-            "qwen2_vl", vision="visual", connector=("visual.merger",), layer_keys=_QWEN_VL_KEYS
-        ),
-        VLMBase(
-            "qwen2_5_vl", vision="visual", connector=("visual.merger",), layer_keys=_QWEN_VL_KEYS
-        ),
+        VLMBase("qwen2_vl", vision="visual", connector=_QWEN_VL_MERGER, layer_keys=_QWEN_VL_KEYS),
+        VLMBase("qwen2_5_vl", vision="visual", connector=_QWEN_VL_MERGER, layer_keys=_QWEN_VL_KEYS),
         VLMBase(
             "qwen3_vl",
             vision="visual",
@@ -72,20 +74,8 @@ _BASES: dict[str, VLMBase] = {
             native="qwen3_vl_moe",
         ),
         VLMBase("internvl"),
-        VLMBase(
-            "idefics3",
-            language_model="text_model",
-            vision="vision_model",
-            connector=("connector",),
-            layer_keys=(r"model\.text_model\.layers\.",),
-        ),
-        VLMBase(
-            "smolvlm",
-            language_model="text_model",
-            vision="vision_model",
-            connector=("connector",),
-            layer_keys=(r"model\.text_model\.layers\.",),
-        ),
+        VLMBase("idefics3", **_IDEFICS3_LAYOUT),
+        VLMBase("smolvlm", **_IDEFICS3_LAYOUT),  # Idefics3's architecture
         VLMBase("gemma3"),
         VLMBase("mistral3"),
     )
