@@ -99,14 +99,6 @@ def _decoder_layers(model: nn.Module):
     raise ValueError(f"{type(model).__name__}: found no decoder layers with an `mlp` module")
 
 
-def _is_submodule(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 def _numel(module: nn.Module, seen: set[int]) -> int:
     total = 0
     for p in module.parameters():
@@ -130,7 +122,7 @@ def count_model(
     """
     from moetool.models.bases import get_base
     from moetool.models.families import decoder_names
-    from moetool.models.parts import layer_child_part
+    from moetool.models.parts import connector_parameters, layer_child_part
 
     seen: set[int] = set()
     hidden_size = model.config.get_text_config().hidden_size
@@ -141,15 +133,9 @@ def count_model(
     if model.config.get_text_config() is not model.config:  # a VLM: its base says where
         base = get_base(model.config.model_type)
         projector_count = 0  # first: Qwen-VL's merger sits inside the vision encoder
-        for path in base.connector:
-            item = inner.get_submodule(path) if _is_submodule(inner, path) else None
-            if item is None:  # a parameter (LLaVA-NeXT's image_newline)
-                head, _, leaf = path.rpartition(".")
-                param = getattr(inner.get_submodule(head) if head else inner, leaf)
-                projector_count += 0 if id(param) in seen else param.numel()
-                seen.add(id(param))
-            else:
-                projector_count += _numel(item, seen)
+        for param in connector_parameters(inner, base.connector):
+            projector_count += 0 if id(param) in seen else param.numel()
+            seen.add(id(param))
         vision = _numel(getattr(inner, base.vision), seen)
         language_model = getattr(inner, base.language_model)
 

@@ -58,9 +58,8 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
         for p in params:
             owner.setdefault(id(p), part)
 
-    for path in base.connector:  # first: a merger inside the vision encoder is the connector
-        claim(inner.get_submodule(path) if _is_module(inner, path) else _parameter(inner, path),
-              "projector")  # fmt: skip
+    for param in connector_parameters(inner, base.connector):  # first: a merger inside the
+        claim(param, "projector")  # vision encoder is the connector
     claim(getattr(inner, base.vision), "vision")
     language_model = getattr(inner, base.language_model)
     for layer in language_model.layers:
@@ -77,17 +76,17 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
     return {name: owner[id(p)] for name, p in model.named_parameters()}
 
 
-def _is_module(root: nn.Module, path: str) -> bool:
+def connector_parameters(inner: nn.Module, paths: tuple[str, ...]) -> list[nn.Parameter]:
+    """The parameters of a base's connector (``VLMBase.connector``: dotted paths under the
+    inner model, each a module or a parameter such as LLaVA-NeXT's ``image_newline``)."""
     from torch import nn
 
-    head, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(head) if head else root
-    return isinstance(getattr(parent, leaf), nn.Module)
-
-
-def _parameter(root: nn.Module, path: str) -> nn.Parameter:
-    head, _, leaf = path.rpartition(".")
-    return getattr(root.get_submodule(head) if head else root, leaf)
+    out: list[nn.Parameter] = []
+    for path in paths:
+        head, _, leaf = path.rpartition(".")
+        item = getattr(inner.get_submodule(head) if head else inner, leaf)
+        out.extend([item] if isinstance(item, nn.Parameter) else item.parameters())
+    return out
 
 
 def expand_parts(parts: tuple[str, ...] | list[str]) -> set[str]:
