@@ -177,13 +177,18 @@ def batch_tokens(batch: dict) -> int:
 
 
 class Collate:
-    """Pads (``collate``) or packs (``collate_packed``) the good items of a micro-batch; bad
+    """Pads (``collate``) or packs (``collate_packed``) the good items of a micro-batch, or
+    (``features``) pads a whole VLM's processor outputs (``data.chat.collate_features``); bad
     ones are handed on by name."""
 
-    def __init__(self, pad_token_id: int, packing: bool = False):
-        self.pad_token_id, self.packing = pad_token_id, packing
+    def __init__(self, pad_token_id: int, packing: bool = False, features: bool = False):
+        self.pad_token_id, self.packing, self.features = pad_token_id, packing, features
 
     def batch(self, good: list[dict]) -> dict:
+        if self.features:
+            from moetool.data.chat import collate_features
+
+            return collate_features(good, self.pad_token_id)
         return collate_packed(good) if self.packing else collate(good, self.pad_token_id)
 
     def __call__(self, items: list) -> tuple[dict | None, list[BadSample]]:
@@ -199,8 +204,10 @@ def make_loader(
     num_workers: int,
     pin_memory: bool = False,
     packing: bool = False,
+    features: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """``DataLoader`` over ``sampler``'s micro-batches, padded or (``packing``) packed:
+    """``DataLoader`` over ``sampler``'s micro-batches, padded or (``packing``) packed (a whole
+    VLM's processor outputs: ``features``):
     ``num_workers`` worker processes that stay alive across epochs and prefetch two
     micro-batches each (0 = in this process)."""
     extra = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
@@ -208,7 +215,7 @@ def make_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
-        collate_fn=Collate(pad_token_id, packing),
+        collate_fn=Collate(pad_token_id, packing, features),
         pin_memory=pin_memory,
         **extra,
     )

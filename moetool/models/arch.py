@@ -37,6 +37,10 @@ class ModelSection:
     attention_bias: bool = False
     mlp_bias: bool = False
     path: str = ""  # local checkpoint directory used when running for real
+    # A whole dense VLM to start from (its model_type, docs/bases.md): model.path is its
+    # checkpoint and config its published config.json; no stage I, no [vision]/[projector].
+    base: str = ""
+    config: str = ""
     # Attention of the vision tower and the language model, in every stage and at inference.
     attn_implementation: AttnImplementation = DEFAULT_ATTN_IMPLEMENTATION
     extra: dict = field(default_factory=dict)  # further transformers config kwargs

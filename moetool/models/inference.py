@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moetool.data.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
+from moetool.models.bases import get_base
 
 
 def checkpoint_attention(
@@ -104,8 +105,6 @@ def build_prompt(processor, question: str, images: int, model_type: str = "llava
     Other bases (``model_type`` of the dense or sparse model): the base's own chat template
     with one image part per image, as its processor expands them, and the assistant's turn
     opened."""
-    from moetool.models.bases import get_base
-
     if get_base(model_type).model_type != "llava":
         content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
         return processor.apply_chat_template(
@@ -114,7 +113,9 @@ def build_prompt(processor, question: str, images: int, model_type: str = "llava
     tokenizer = getattr(processor, "tokenizer", processor)
     content = (IMAGE_TOKEN + "\n") * images + question if IMAGE_TOKEN not in question else question
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
     return content
 
 
@@ -122,6 +123,29 @@ def printable(text: str) -> str:
     """Drop control characters (byte-level tokens of an untrained model can decode to them; they
     are never an answer, and lmms-eval's spreadsheet writers reject them)."""
     return "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
+
+
+def prompt_inputs(processor, questions: Sequence[str], images: Sequence[Sequence], model_type: str):
+    """The model inputs that ask ``questions``, the i-th about the PIL images ``images[i]``, in
+    the checkpoint's chat template (``build_prompt``), left-padded as the processor pads. A base
+    with its own chat template gets each prompt's own images and no special tokens beyond those
+    its template writes (its processor's ``apply_chat_template`` tokenises so; training too)."""
+    images = [[im.convert("RGB") for im in ims] for ims in images]
+    flat = [im for ims in images for im in ims]
+    prompts = [
+        build_prompt(processor, q, len(ims), model_type)
+        for q, ims in zip(questions, images, strict=True)
+    ]
+    if get_base(model_type).model_type == "llava":
+        # The processor shapes them as training did (load_checkpoint).
+        return processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
+    return processor(
+        images=images if flat else None,
+        text=prompts,
+        padding=True,
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
 
 
 def answer(
@@ -140,15 +164,7 @@ def answer(
     import torch
 
     tokenizer = processor.tokenizer
-    # The processor shapes them as training did (load_checkpoint).
-    flat = [im.convert("RGB") for ims in images for im in ims]
-    model_type = model.config.model_type
-    prompts = [
-        build_prompt(processor, q, len(ims), model_type)
-        for q, ims in zip(questions, images, strict=True)
-    ]
-    inputs = processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
-    inputs = inputs.to(device)
+    inputs = prompt_inputs(processor, questions, images, model.config.model_type).to(device)
     with torch.no_grad():
         output = model.generate(
             **inputs,

@@ -257,10 +257,10 @@ def save_final(
 ) -> str | None:
     """The final HF checkpoint in ``dtype``, written by rank 0 into a temporary folder and
     renamed; its config's ``moetool`` block is ``provenance`` (version, stage, recipe) and the
-    training plan, its tokenizer carries the chat ``template``. A stage with adapters (``model``
-    is a peft model) writes, as ``lora_save`` says, the merged checkpoint (an ordinary one) and
-    or the peft adapter in ``<out>-adapter``. Returns the agreed error of every rank when it
-    could not be written (nothing of it is left)."""
+    training plan, its tokenizer carries the chat ``template`` (none: the processor's own). A
+    stage with adapters (``model`` is a peft model) writes, as ``lora_save`` says, the merged
+    checkpoint (an ordinary one) and or the peft adapter in ``<out>-adapter``. Returns the
+    agreed error of every rank when it could not be written (nothing of it is left)."""
     import torch
 
     from moetool.data.templates import get_template
@@ -284,7 +284,8 @@ def save_final(
             check_free_space(out.parent, sum(t.nbytes for t in plain_state.values()))
             plain.config.use_cache = plain.config.get_text_config().use_cache = True
             plain.config.moetool = {**provenance, "training": training_plan(engine, world)}
-            get_template(template).attach(processor)
+            if template:  # a whole VLM keeps its own chat template
+                get_template(template).attach(processor)
             if out in written:
                 with atomic_output_dir(out, overwrite) as tmp:
                     plain.save_pretrained(tmp, state_dict=plain_state)

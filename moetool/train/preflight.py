@@ -71,6 +71,12 @@ def check_recipe_data(
     from moetool.data.preprocess import Preprocessor
     from moetool.data.templates import get_template
 
+    if recipe.model.base:
+        raise PreflightError(
+            f"model.base = {recipe.model.base!r}: `data check` reads LLaVA-layout recipes for "
+            "now; a whole-VLM stage names (or, with data.skip_bad_samples, skips and counts) "
+            "its bad samples as it meets them"
+        )
     present = recipe.stages.present()
     for name in stages or []:
         if name not in STAGE_NAMES:

@@ -49,7 +49,12 @@ from moetool.train.ranks import (
     gather_counts,
     init_distributed,
 )
-from moetool.train.start import check_stage_attention, default_init, load_start_model
+from moetool.train.start import (
+    check_stage_attention,
+    check_whole_vlm_stage,
+    default_init,
+    load_start_model,
+)
 from moetool.train.tracking import (
     NoTracker,
     Tracker,
@@ -165,6 +170,9 @@ def _plan_stage(
             f"{init} does not exist: run stage {init.name} of this recipe with "
             f"--out {run_dir} first, or pass --init CHECKPOINT"
         )
+    if recipe.model.base:
+        check_whole_vlm_stage(recipe, stage_name, init)
+        init = init or Path(recipe.model.path)
     data_root = Path(recipe_dir) / recipe.data.root
     data_files = [data_root / f for f in stage.data]
     image_folder = Path(recipe_dir) / recipe.data.image_folder
@@ -225,7 +233,7 @@ class StageParts:
     report_to: str  # the tracker's name, for its warning
     dtype: Any  # the stage's precision: the final checkpoint's dtype
     provenance: dict  # the final config's moetool block: version, stage, recipe, attention
-    template: str  # the chat template the final tokenizer carries
+    template: str  # the chat template the final tokenizer carries ("": the base's own)
     skipped: Counter[str]  # bad samples parsing left out (counted on rank 0), by reason
     seed: int  # each step's dropout is drawn from (seed, step, rank): a resumed run redraws it
     lora_save: str | None = None  # with adapters: "merged", "adapter" or "both"
@@ -256,6 +264,7 @@ def setup_stage(
     import torch
 
     from moetool._version import __version__
+    from moetool.data.chat import ChatPreprocessor
     from moetool.data.llava_json import load_llava_json
     from moetool.data.pipeline import EncodedDataset, StageBatchSampler, make_loader, reason_of
     from moetool.data.preprocess import Preprocessor
@@ -289,16 +298,18 @@ def setup_stage(
             if rank == 0 and created:  # a failed start leaves no state directory behind
                 shutil.rmtree(state, ignore_errors=True)
             raise
-    template = get_template(stage.template or recipe.data.template)
-    preprocessor = Preprocessor(
-        processor,
-        template,
-        model.config.image_seq_length,
-        stage.max_length,
-        stage.image_aspect_ratio,
-    )
-    # The stage's checkpoint carries the image processor its samples went through.
-    processor.image_processor = preprocessor.image_processor
+    if recipe.model.base:  # the base's own processor and chat template, as published
+        preprocessor = ChatPreprocessor(processor, stage.max_length)
+    else:
+        preprocessor = Preprocessor(
+            processor,
+            get_template(stage.template or recipe.data.template),
+            model.config.image_seq_length,
+            stage.max_length,
+            stage.image_aspect_ratio,
+        )
+        # The stage's checkpoint carries the image processor its samples went through.
+        processor.image_processor = preprocessor.image_processor
     if stage.packing:  # each sample's attention on its own, not the whole packed row
         use_packed_sdpa(model)
     trainable = set_trainable(model, stage.trainable)
@@ -373,6 +384,7 @@ def setup_stage(
         recipe.data.num_workers,
         pin_memory=torch.cuda.is_available(),
         packing=stage.packing,
+        features=bool(recipe.model.base),
     )
     skipped: Counter[str] = Counter()
     if rank == 0:  # every rank parsed the same files; rank 0 counts what parsing left out
@@ -421,7 +433,7 @@ def setup_stage(
             # What predict, eval and routing capture attend with unless told otherwise.
             "attn_implementation": recipe.model.attn_implementation,
         },
-        template=recipe.data.template,
+        template="" if recipe.model.base else recipe.data.template,
         skipped=skipped,
         seed=stage.seed,
         lora_save=lora.save if lora else None,

@@ -47,6 +47,24 @@ def check_stage_attention(recipe: Recipe, stage_name: str) -> None:
         raise TrainingError(f"model.attn_implementation: {err}") from None
 
 
+def check_whole_vlm_stage(recipe: Recipe, stage_name: str, init: Path | None) -> None:
+    """A ``TrainingError`` for what a whole-VLM recipe (``model.base``) cannot do: start a stage
+    without a local checkpoint (``model.path``, or the previous stage's), or pack samples (the
+    bases' own position ids, e.g. Qwen-VL's M-RoPE, span a whole row)."""
+    stage: StageSection = getattr(recipe.stages, stage_name)
+    if stage.packing:
+        raise TrainingError(
+            f"stages.{stage_name}.packing: packing is for the LLaVA layout; a whole VLM "
+            f"({recipe.model.base}) trains on padded batches"
+        )
+    if init is None and not Path(recipe.model.path or "").joinpath("config.json").is_file():
+        raise TrainingError(
+            f"model.path: {recipe.model.path!r} is not a local checkpoint directory of the "
+            f"{recipe.model.base} model to start from (download it first, e.g. "
+            "`hf download REPO --local-dir DIR`)"
+        )
+
+
 def load_start_model(recipe: Recipe, stage_name: str, init: Path | None, work: Path):
     """The stage's starting model and processor, in the stage's precision (a bf16 stage never
     materialises fp32 weights), the tower and the LM attending with ``model.attn_implementation``;
