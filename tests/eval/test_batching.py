@@ -108,3 +108,28 @@ def test_each_rank_takes_its_own_gpu():
     assert rank_device("cpu", world_size=2, local_rank=1) == "cpu"
     with pytest.raises(ValueError, match="--device cuda"):
         rank_device("cuda:0", world_size=2, local_rank=1)
+
+
+@pytest.mark.parametrize("base", ["qwen3_vl", "llava_onevision", "idefics3", "gemma3", "mistral3"])
+def test_a_base_answers_alike_batched_or_alone(base):
+    """Bases with their own chat templates and processors (dynamic resolution, tiles, image
+    sizes, token types): each prompt's own images, text-only prompts mixed in, left padding."""
+    from moetool.models.inference import answer
+    from moetool.tiny_vlm import build_random_vlm
+
+    model, processor = build_random_vlm(base, seed=3, num_layers=2)
+    docs = requests(4)[1]["task"]["test"]
+    images = [[d["image"]] if d["image"] is not None else [] for d in docs]
+
+    def ask(indices):
+        return answer(
+            model,
+            processor,
+            [QUESTIONS[i] for i in indices],
+            [images[i] for i in indices],
+            max_new_tokens=6,
+            generate_kwargs={"min_new_tokens": 6},
+        )
+
+    alone = [ask([i])[0] for i in range(4)]
+    assert ask(range(4)) == alone

@@ -345,3 +345,47 @@ def test_eval_runs_the_model_in_the_dtype_asked_for(world, tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and "error: --dtype fp16: expected one of fp32, bf16" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def base_checkpoints(tmp_path_factory):
+    """Tiny random dense Qwen3-VL and Gemma 3 checkpoints, each upcycled too."""
+    from moetool.models.moe.config import MoEConfig
+    from moetool.tiny_vlm import build_random_vlm
+    from moetool.upcycle import upcycle_checkpoint
+
+    root = tmp_path_factory.mktemp("bases")
+    for base in ("qwen3_vl", "gemma3"):
+        model, processor = build_random_vlm(base, seed=2)
+        model.save_pretrained(root / base / "dense")
+        processor.save_pretrained(root / base / "dense")
+        upcycle_checkpoint(root / base / "dense", root / base / "moe", MoEConfig())
+    return root
+
+
+@pytest.mark.parametrize(
+    ("base", "which"), [("qwen3_vl", "dense"), ("qwen3_vl", "moe"), ("gemma3", "moe")]
+)
+def test_eval_runs_on_dense_and_sparse_bases(world, base_checkpoints, base, which, tmp_path):
+    """``moetool eval`` (lmms-eval with moetool's model plugin) on a whole VLM's checkpoint,
+    asking in the base's own chat template through its processor."""
+    proc = moetool(
+        "eval",
+        "pope",
+        "--model",
+        str(base_checkpoints / base / which),
+        "--data",
+        str(world / "data/lmms"),
+        "--out",
+        str(tmp_path / "p"),
+        "--limit",
+        "4",
+        "--batch-size",
+        "2",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["samples"] == 4 * len(report["metrics"]) and report["samples"] > 0
+    rows = [json.loads(r) for r in (tmp_path / "p/samples.jsonl").read_text().splitlines()]
+    assert len(rows) == report["samples"]
