@@ -3,15 +3,34 @@ DeepSpeed (CPU): upcycled on the fly, trained on data its own processor and chat
 resumed bit-equal, under ZeRO-2 and ZeRO-3."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-
-from tests.integration.conftest import write_colour_data
-from tests.integration.test_training import changed, cli, weights
+import torch
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
+SCRIPT = str(Path(sys.executable).parent / "moetool")
+
+
+def cli(*args, check=True):
+    env = dict(os.environ, COLUMNS="200")
+    proc = subprocess.run([SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def weights(path: Path) -> dict:
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def changed(before: dict, after: dict) -> set:
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
 
 RECIPE = """
 name = "tiny whole {base}"
@@ -50,14 +69,14 @@ save_steps = 2
 
 
 @pytest.fixture
-def whole_vlm(tmp_path, monkeypatch):
+def whole_vlm(tmp_path, monkeypatch, colour_world):
     """A tiny dense VLM of ``base`` saved in ``dense/``, colour data with one unreadable
     image, and a whole-VLM recipe for it, in the cwd."""
 
     def make(base: str, zero: int):
         from moetool.tiny_vlm import build_random_vlm
 
-        write_colour_data(tmp_path)
+        colour_world(tmp_path)
         data = json.loads((tmp_path / "data/stage3.json").read_text())
         (tmp_path / "data/img/broken.png").write_bytes(b"not a png")
         data.insert(5, dict(data[0], id="broken", image="img/broken.png"))
