@@ -163,3 +163,41 @@ def test_routing_capture_marks_each_base_image_tokens(base, sparse_bases):
         rows = records[records.layer == layer]
         assert len(rows) == 2 * batch["input_ids"].numel()
         assert (rows.modality == "image").sum() == 2 * image_tokens
+
+
+@pytest.mark.parametrize("base", known_bases())
+def test_stage_three_on_each_base_learns_from_its_own_chat_encoding(base, sparse_bases, tmp_path):
+    """The stage III step on every base, without DeepSpeed (the DeepSpeed runs are the
+    integration tests): samples encoded by the base's processor and chat template, batched as
+    its processor batches, only the FFNs and routers trained; the loss (LM + balancing) falls
+    and the balancing loss is part of it."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from moetool.data.chat import ChatPreprocessor, collate_features
+    from moetool.data.llava_json import Sample
+    from moetool.models.parts import set_trainable
+
+    model = AutoModelForImageTextToText.from_pretrained(sparse_bases[base]).train()
+    processor = AutoProcessor.from_pretrained(sparse_bases[base])
+    paths = []
+    for i, picture in enumerate(images(3)):
+        paths.append(tmp_path / f"{i}.png")
+        picture.save(paths[-1])
+    samples = [
+        Sample(str(i), "f.json", (path,), (("human", "<image>\nWhat is it?"), ("gpt", answer)))
+        for i, (path, answer) in enumerate(zip(paths, ("A red box.", "Noise."), strict=True))
+    ]
+    pre = ChatPreprocessor(processor, 1024)
+    batch = collate_features([pre.encode(s) for s in samples], processor.tokenizer.pad_token_id)
+    trained = set_trainable(model, ["ffn", "routers"])
+    assert trained and all(".mlp." in name for name in trained)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(4):
+        out = model(**batch)
+        assert out.aux_loss is not None and out.aux_loss > 0
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0], losses
