@@ -250,3 +250,16 @@ def test_whole_vlm_count_cache_follows_the_config_file(tmp_path, monkeypatch):
     recount = count_recipe(load_recipe(tmp_path / "r.toml"))
     assert recount.vision_params < first.vision_params
     assert recount.exact_total == first.exact_total
+
+
+@pytest.mark.parametrize(
+    ("name", "total_b", "non_embedding_b"),
+    [("qwen3-1.7b/dense", 1.7, 1.4), ("qwen3-4b/dense", 4.0, 3.6)],
+)
+def test_qwen3_language_models_match_their_model_cards(name, total_b, non_embedding_b):
+    # Qwen3 model cards: "Number of Parameters: 1.7B / 4.0B; Non-Embedding: 1.4B / 3.6B".
+    report = count_recipe(load_recipe(ROOT / f"{name}.toml"), use_cache=False)
+    assert report.components["lm_head"] == 0  # tied
+    assert round(report.exact_total / 1e9, 1) == total_b
+    non_embedding = report.exact_total - report.components["embeddings"]
+    assert round(non_embedding / 1e9, 1) == non_embedding_b

@@ -461,3 +461,18 @@ def test_a_resolved_whole_vlm_recipe_must_agree_with_its_config():
 def test_config_without_base_is_refused():
     with pytest.raises(RecipeError, match="model.config: is set but model.base is empty"):
         load_recipe(ROOT / "tiny/llama.toml", ["model.config=/x/config.json"])
+
+
+@pytest.mark.parametrize(("base", "layers"), [("qwen3-1.7b", 28), ("qwen3-4b", 36)])
+def test_qwen3_recipes_are_the_llava_layout_with_siglip_384(base, layers):
+    dense = load_recipe(resolve_recipe(f"{base}/dense"))
+    assert dense.model.model_type == "qwen3" and not dense.model.base
+    assert dense.model.tie_embeddings and dense.model.extra["head_dim"] == 128
+    assert dense.data.template == "chatml" and dense.stages.pretrain.template == "plain"
+    assert dense.vision.type == "siglip" and dense.vision.image_tokens == 729
+    assert dense.moe is None and list(dense.stages.present()) == ["pretrain", "instruct"]
+    moe = load_recipe(resolve_recipe(f"{base}/moe-4x-top2"))
+    assert list(moe.stages.present()) == ["pretrain", "instruct", "moe_tune"]
+    assert moe.moe_layer_indices == tuple(range(0, layers, 2))
+    every = load_recipe(resolve_recipe(f"{base}/moe-4x-top2-all"))
+    assert every.moe_layer_indices == tuple(range(layers))
