@@ -21,6 +21,7 @@ from moetool.paper import TABLE8, Table8Row
 if TYPE_CHECKING:
     from torch import nn
 
+    from moetool.models.moe.config import MoEConfig
     from moetool.recipe.schema import Recipe
 
 COMPONENTS = ("embeddings", "attention", "ffn", "experts", "routers", "norms", "lm_head", "other")
@@ -250,14 +251,23 @@ def _cache_dir() -> Path:
 
 def _exact_for_recipe(recipe: Recipe, use_cache: bool) -> ExactCount:
     """Exact counts of the recipe's architecture, cached on disk by architecture and library
-    versions (importing torch and transformers dominates a cold count)."""
+    versions (importing torch and transformers dominates a cold count). A whole-VLM recipe is
+    counted from its base's published config, as ``count_config`` counts it."""
+    moe_layers, experts, top_k = _moe_plan(recipe)
+    if recipe.model.base:
+        config_file = Path(recipe.model.config)
+        architecture = {"config": hashlib.sha256(config_file.read_bytes()).hexdigest()}
+    else:
+        architecture = {
+            "model": asdict(recipe.model) | {"path": ""},
+            "vision": asdict(recipe.vision) | {"path": ""},
+            "projector": asdict(recipe.projector),
+        }
     key_data = {
-        "model": asdict(recipe.model) | {"path": ""},
-        "vision": asdict(recipe.vision) | {"path": ""},
-        "projector": asdict(recipe.projector),
-        "moe_layers": list(recipe.moe_layer_indices),
-        "experts": recipe.moe.num_experts if recipe.moe else 1,
-        "top_k": recipe.moe.top_k if recipe.moe else 1,
+        **architecture,
+        "moe_layers": list(moe_layers),
+        "experts": experts,
+        "top_k": top_k,
         "transformers": metadata.version("transformers"),
         "moetool": __version__,
     }
@@ -269,10 +279,14 @@ def _exact_for_recipe(recipe: Recipe, use_cache: bool) -> ExactCount:
             return ExactCount(**cached)
         except (OSError, ValueError, TypeError):
             pass
-    from moetool.models.build import build_meta_lvlm, lvlm_config
+    if recipe.model.base:
+        raw = _read_config(config_file)
+        count = _count_config(raw, recipe.moe, config_file)[0]
+    else:
+        from moetool.models.build import build_meta_lvlm, lvlm_config
 
-    model = build_meta_lvlm(lvlm_config(recipe.model, recipe.vision))
-    count = count_model(model, *_moe_plan(recipe))
+        model = build_meta_lvlm(lvlm_config(recipe.model, recipe.vision))
+        count = count_model(model, moe_layers, experts, top_k)
     if use_cache:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +334,15 @@ def count_table(use_cache: bool = True) -> list[ParamReport]:
     ]
 
 
+def _read_config(config_file: Path) -> dict:
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{config_file}: no such config file") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config_file}: not a readable JSON config ({err})") from None
+
+
 def count_config(
     path: str | Path,
     num_experts: int | None = None,
@@ -329,17 +352,13 @@ def count_config(
     """Counts for a local transformers ``config.json`` (a VLM of a known base, a causal LM, or a
     sparse moetool checkpoint's config, counted with its own ``moe`` plan), with an optional
     MoE plan; no weights are read."""
+    from moetool.models.bases import get_base, is_sparse_model_type
     from moetool.models.moe.config import MoEConfig, parse_layer_layout
 
     config_file = Path(path)
     if config_file.is_dir():
         config_file = config_file / "config.json"
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{config_file}: no such config file") from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{config_file}: not a readable JSON config ({err})") from None
+    raw = _read_config(config_file)
     moe = None
     if num_experts is not None:
         try:
@@ -352,11 +371,6 @@ def count_config(
         if problems:
             raise ValueError("; ".join(f"{flags[k]}: {m}" for k, m in problems))
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from moetool.models.bases import get_base, is_sparse_model_type, known_bases
-
     model_type = raw.get("model_type")
     if is_sparse_model_type(model_type):  # the dense base, with the checkpoint's own plan
         if moe is not None:
@@ -364,11 +378,26 @@ def count_config(
                 f"{config_file} is a sparse checkpoint's config (its moe section is the plan); "
                 "leave out --experts, --topk and --layers"
             )
-        saved = raw.get("moe") or {}
-        moe = MoEConfig.from_dict(saved)
-        num_experts, top_k = moe.num_experts, moe.top_k
-        model_type = get_base(model_type).model_type
+        moe = MoEConfig.from_dict(raw.get("moe") or {})
         raw = {k: v for k, v in raw.items() if k not in ("moe", "moetool", "auto_map")}
+        raw["model_type"] = get_base(model_type).model_type
+    exact, dims, moe_layers = _count_config(raw, moe, config_file)
+    return ParamReport.of(str(config_file), dims, exact, moe_layers)
+
+
+def _count_config(
+    raw: dict, moe: MoEConfig | None, config_file: Path
+) -> tuple[ExactCount, Eq12Dims, tuple[int, ...]]:
+    """Exact counts, Eq. 12's dims and the MoE layers of the dense model of config dict ``raw``
+    (a VLM of a known base or a causal LM) with the plan ``moe`` (dense when None), built on the
+    meta device. Shared by ``count_config`` and the whole-VLM recipes."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from moetool.models.bases import get_base, known_bases
+
+    model_type = raw.get("model_type")
     try:
         config = AutoConfig.for_model(
             model_type, **{k: v for k, v in raw.items() if k != "model_type"}
@@ -385,13 +414,13 @@ def count_config(
         else:
             model = AutoModelForCausalLM.from_config(config)
     moe_layers: tuple[int, ...] = ()
+    num_experts, top_k = (moe.num_experts, moe.top_k) if moe is not None else (1, 1)
     if moe is not None:
         problems = moe.problems(text.num_hidden_layers)
         if problems:
             raise ValueError("; ".join(f"--{key}: {message}" for key, message in problems))
         moe_layers = moe.layer_indices(text.num_hidden_layers)
-    exact = count_model(model, moe_layers, num_experts or 1, top_k if num_experts else 1)
-    from torch import nn
+    exact = count_model(model, moe_layers, num_experts, top_k)
 
     inner = getattr(model, "model", model)
     decoder = (
@@ -407,7 +436,7 @@ def count_config(
         ffn=text.intermediate_size,
         ffn_factor=sum(isinstance(m, nn.Linear) for m in mlp.modules()),
         moe_layers=len(moe_layers),
-        experts=num_experts or 1,
-        top_k=top_k if num_experts else 1,
+        experts=num_experts,
+        top_k=top_k,
     )
-    return ParamReport.of(str(config_file), dims, exact, moe_layers)
+    return exact, dims, moe_layers

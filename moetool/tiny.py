@@ -10,7 +10,11 @@ English).
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+from pathlib import Path
 
+from moetool.models.arch import PUBLISHED_DIMS
 from moetool.models.build import build_processor, lvlm_config
 from moetool.recipe.load import load_recipe, recipe_from_dict, recipe_to_dict
 from moetool.recipe.paths import recipes_root
@@ -188,31 +192,38 @@ _STAGE_DATA = {"pretrain": "stage1.json", "instruct": "stage2.json", "moe_tune":
 
 
 def smoke_recipe(recipe: Recipe, data_root: str, max_steps: int = 2) -> Recipe:
-    """The tiny version of ``recipe`` reading the synthetic data in ``data_root``."""
+    """The tiny version of ``recipe`` reading the synthetic data in ``data_root``. A whole-VLM
+    recipe starts from a tiny random model of its base, saved once next to ``data_root``."""
     data = recipe_to_dict(recipe)
     model = data["model"]
-    grouped = model["num_kv_heads"] < model["num_heads"]
-    extra = {k: v for k, v in model.get("extra", {}).items() if k not in _SIZE_BOUND_EXTRA}
-    extra["max_position_embeddings"] = 1024
-    model.update(
-        vocab_size=512,
-        hidden_size=64,
-        num_layers=4,
-        ffn_hidden_size=128,
-        num_heads=4,
-        num_kv_heads=2 if grouped else 4,
-        path="",
-        extra=extra,
-    )
-    data["vision"].update(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_layers=2,
-        intermediate_size=64,
-        num_heads=2,
-        path="",
-    )
+    if recipe.model.base:
+        checkpoint = tiny_base_checkpoint(recipe.model.base, Path(data_root).parent)
+        for key in PUBLISHED_DIMS:  # refilled from the tiny model's config
+            model.pop(key, None)
+        model.update(path=str(checkpoint), config=str(checkpoint / "config.json"))
+    else:
+        grouped = model["num_kv_heads"] < model["num_heads"]
+        extra = {k: v for k, v in model.get("extra", {}).items() if k not in _SIZE_BOUND_EXTRA}
+        extra["max_position_embeddings"] = 1024
+        model.update(
+            vocab_size=512,
+            hidden_size=64,
+            num_layers=4,
+            ffn_hidden_size=128,
+            num_heads=4,
+            num_kv_heads=2 if grouped else 4,
+            path="",
+            extra=extra,
+        )
+        data["vision"].update(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_layers=2,
+            intermediate_size=64,
+            num_heads=2,
+            path="",
+        )
     data["data"].update(root=data_root, image_folder=data_root)
     for name, stage in data["stages"].items():
         stage.update(
@@ -226,3 +237,22 @@ def smoke_recipe(recipe: Recipe, data_root: str, max_steps: int = 2) -> Recipe:
         )
     data["name"] = f"{recipe.name} (smoke)"
     return recipe_from_dict(data, f"smoke form of {recipe.name}")
+
+
+def tiny_base_checkpoint(base: str, folder: str | Path) -> Path:
+    """``folder/tiny-<base>``: the tiny random dense VLM of ``base`` (4 decoder layers, seed 0)
+    and its processor, saved with ``save_pretrained``; written once, then reused."""
+    checkpoint = Path(folder) / f"tiny-{base}"
+    if (checkpoint / "config.json").is_file():
+        return checkpoint
+    from moetool.tiny_vlm import build_random_vlm
+
+    vlm, processor = build_random_vlm(base, seed=0, num_layers=4)
+    partial = checkpoint.with_name(f"{checkpoint.name}.partial-{os.getpid()}")
+    vlm.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    try:
+        partial.rename(checkpoint)  # complete or absent, for a process that looks meanwhile
+    except OSError:  # another process saved it first
+        shutil.rmtree(partial, ignore_errors=True)
+    return checkpoint

@@ -167,3 +167,99 @@ def test_meta_instantiation_holds_no_weights():
     recipe = load_recipe(ROOT / "openchat-7b/dense.toml")
     model = build_meta_lvlm(lvlm_config(recipe.model, recipe.vision))
     assert all(p.device == torch.device("meta") for p in model.parameters())
+
+
+# The whole-VLM recipes: published parameter counts of their dense bases. Each figure is the
+# whole model (language model, vision encoder, connector) as published, with its rounding:
+# exact where the repository's safetensors metadata total is known, else the stated size.
+PUBLISHED_BASES = {
+    # recipe: (published parameters, tolerance, source)
+    "qwen3-vl-2b/moe-4x-top2": (2_127_532_032, 0, "Qwen/Qwen3-VL-2B-Instruct safetensors total"),
+    "qwen2.5-vl-3b/moe-4x-top2": (
+        3_754_622_976,
+        0,
+        "Qwen/Qwen2.5-VL-3B-Instruct safetensors total",
+    ),
+    "smolvlm2-2.2b/moe-4x-top2": (
+        2_246_784_880,
+        0,
+        "HuggingFaceTB/SmolVLM2-2.2B-Instruct safetensors total",
+    ),
+    "gemma3-4b/moe-4x-top2": (4_300_079_472, 0, "google/gemma-3-4b-it safetensors total"),
+    # "2.3B" in the InternVL3.5 model card's table (0.3B vision + 2.0B language).
+    "internvl3.5-2b/moe-4x-top2": (2_300_000_000, 50_000_000, "InternVL3.5 model card"),
+    # "894M params" on the repository page (its safetensors total, rounded).
+    "llava-onevision-0.5b/moe-4x-top2": (
+        894_000_000,
+        500_000,
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf page",
+    ),
+}
+
+
+def test_every_whole_vlm_recipe_has_a_published_count():
+    from moetool.recipe.paths import bundled_recipes
+
+    whole = {n for n in bundled_recipes() if load_recipe(ROOT / f"{n}.toml").model.base}
+    assert whole == set(PUBLISHED_BASES)
+
+
+@pytest.mark.parametrize("name", PUBLISHED_BASES)
+def test_whole_vlm_recipe_counts_agree_with_the_published_base(name):
+    published, tolerance, _source = PUBLISHED_BASES[name]
+    recipe = load_recipe(ROOT / f"{name}.toml")
+    dense = count_config(recipe.model.config)  # no experts: the published dense model
+    whole = dense.exact_total + dense.vision_params + dense.projector_params
+    assert abs(whole - published) <= tolerance, whole
+    # The recipe counts through count_config's code with its [moe] plan ...
+    sparse = count_recipe(recipe, use_cache=False)
+    plan = count_config(recipe.model.config, 4, 2, "interval")
+    assert (sparse.exact_total, sparse.exact_activated) == (plan.exact_total, plan.exact_activated)
+    assert (sparse.vision_params, sparse.projector_params) == (
+        dense.vision_params,
+        dense.projector_params,
+    )
+    # ... and Eq. 12 from the dims the loader filled equals Eq. 12 from the config itself.
+    assert (sparse.formula_total, sparse.formula_activated) == (
+        plan.formula_total,
+        plan.formula_activated,
+    )
+    assert sparse.moe_layers == list(recipe.moe_layer_indices)
+    assert dense.exact_total < sparse.exact_activated < sparse.exact_total
+    # Top-2 of 4: each MoE layer holds 4 FFNs and runs 2, plus its router.
+    ffn = dense.components["ffn"] // recipe.model.num_layers
+    routers = len(recipe.moe_layer_indices) * recipe.model.hidden_size * 4
+    assert sparse.exact_total - dense.exact_total == len(sparse.moe_layers) * 3 * ffn + routers
+    assert sparse.exact_activated - dense.exact_activated == len(sparse.moe_layers) * ffn + routers
+    # The head is tied as transformers ties it for that VLM.
+    assert recipe.model.tie_embeddings == (dense.components["lm_head"] == 0)
+
+
+def test_whole_vlm_count_cache_follows_the_config_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOETOOL_CACHE_DIR", str(tmp_path / "cache"))
+    folder = ROOT / "llava-onevision-0.5b"
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    (tmp_path / "r.toml").write_text(
+        f'extends = "{folder}/moe-4x-top2.toml"\n[model]\nconfig = "config.json"\n'
+    )
+    first = count_recipe(load_recipe(tmp_path / "r.toml"))
+    assert count_recipe(load_recipe(tmp_path / "r.toml")) == first  # cached
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 25  # the vision encoder: same [model] dims
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    recount = count_recipe(load_recipe(tmp_path / "r.toml"))
+    assert recount.vision_params < first.vision_params
+    assert recount.exact_total == first.exact_total
+
+
+@pytest.mark.parametrize(
+    ("name", "total_b", "non_embedding_b"),
+    [("qwen3-1.7b/dense", 1.7, 1.4), ("qwen3-4b/dense", 4.0, 3.6)],
+)
+def test_qwen3_language_models_match_their_model_cards(name, total_b, non_embedding_b):
+    # Qwen3 model cards: "Number of Parameters: 1.7B / 4.0B; Non-Embedding: 1.4B / 3.6B".
+    report = count_recipe(load_recipe(ROOT / f"{name}.toml"), use_cache=False)
+    assert report.components["lm_head"] == 0  # tied
+    assert round(report.exact_total / 1e9, 1) == total_b
+    non_embedding = report.exact_total - report.components["embeddings"]
+    assert round(non_embedding / 1e9, 1) == non_embedding_b

@@ -52,3 +52,50 @@ def test_smoke_form_keeps_the_stage_logic():
         ):
             assert getattr(small, key) == getattr(stage, key), (name, key)
         assert len(small.data) == len(stage.data) and small.max_steps == 2
+
+
+WHOLE_VLM_RECIPES = [
+    "qwen3-vl-2b/moe-4x-top2",
+    "qwen2.5-vl-3b/moe-4x-top2",
+    "internvl3.5-2b/moe-4x-top2",
+    "smolvlm2-2.2b/moe-4x-top2",
+    "gemma3-4b/moe-4x-top2",
+    "llava-onevision-0.5b/moe-4x-top2",
+]
+
+
+@pytest.mark.parametrize("name", WHOLE_VLM_RECIPES)
+def test_smoke_form_of_a_whole_vlm_recipe_starts_from_a_saved_tiny_base(name, tmp_path):
+    import json
+    from pathlib import Path
+
+    from moetool.models.arch import published_dims
+
+    original = load_recipe(recipes_root() / f"{name}.toml")
+    base = original.model.base
+    smoke = smoke_recipe(original, str(tmp_path / "data"))
+    checkpoint = tmp_path / f"tiny-{base}"
+    assert Path(smoke.model.path) == checkpoint and Path(smoke.model.config) == (
+        checkpoint / "config.json"
+    )
+    assert (checkpoint / "model.safetensors").is_file()
+    assert json.loads((checkpoint / "config.json").read_text())["model_type"] == base
+    assert (checkpoint / "processor_config.json").is_file()  # the processor saved beside it
+    # The recipe validates against the tiny config: its dims are the tiny model's.
+    dims = published_dims(smoke.model.config, base)
+    assert {k: getattr(smoke.model, k) for k in dims} == dims
+    assert smoke.model.num_layers == 4 and smoke.model.hidden_size == 64
+    assert smoke.moe == original.moe and smoke.moe_layer_indices == (0, 2)
+    assert list(smoke.stages.present()) == ["moe_tune"]
+    stage, small = original.stages.moe_tune, smoke.stages.moe_tune
+    assert (small.trainable, small.lr, small.zero_stage) == (
+        stage.trainable,
+        stage.lr,
+        stage.zero_stage,
+    )
+    assert small.max_steps == 2 and small.data == ("stage3.json",) * len(stage.data)
+    # Written once, then reused.
+    saved = (checkpoint / "model.safetensors").stat().st_mtime_ns
+    assert smoke_recipe(original, str(tmp_path / "data")) == smoke
+    assert (checkpoint / "model.safetensors").stat().st_mtime_ns == saved
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.name]

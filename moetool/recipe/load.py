@@ -1,4 +1,8 @@
-"""TOML -> ``Recipe``: ``extends`` chains, ``--set`` overrides, and all-at-once validation."""
+"""TOML -> ``Recipe``: ``extends`` chains, ``--set`` overrides, and all-at-once validation.
+
+A whole-VLM recipe (``[model] base`` set) gets its ``[model]`` dims from the base's published
+config.json (``model.config``, written relative to the file that sets it) when it is read.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from moetool.models.arch import PUBLISHED_DIMS, published_dims
 from moetool.recipe.schema import Recipe
 
 
@@ -56,10 +61,52 @@ def _read_toml(path: Path, chain: tuple[Path, ...]) -> dict:
         raise RecipeError(
             str(path), [f"extends: expected a path or a list of paths, got {parents!r}"]
         )
+    _resolve_model_config(data, path.parent)
     merged: dict = {}
     for parent in parents:  # later files win, and the file itself wins over all of them
         merged = _deep_merge(merged, _read_toml((path.parent / parent).resolve(), (*chain, path)))
     return _deep_merge(merged, data)
+
+
+def _resolve_model_config(data: dict, folder: Path) -> None:
+    """Make a ``[model] config`` path written relative to ``folder`` absolute, in place."""
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("config"), str) and model["config"]:
+        model["config"] = str((folder / model["config"]).resolve())
+
+
+_UNREAD_DIMS = {"model_type": "", "tie_embeddings": False, "attention_bias": False}
+
+
+def _with_published_dims(data: dict, errors: list[str]) -> dict:
+    """``data`` with a whole-VLM recipe's ``[model]`` dims filled from its base's published
+    config.
+
+    Dims already present must equal the config's (the plain-data form of a loaded recipe has
+    them). A config that cannot be read leaves placeholders: ``ModelSection.problems()`` says
+    why."""
+    model = data.get("model")
+    if not (isinstance(model, dict) and model.get("base") and isinstance(model["base"], str)):
+        return data
+    model = dict(model)
+    data = {**data, "model": model}
+    config = model.get("config")
+    try:
+        dims = published_dims(config, model["base"]) if isinstance(config, str) else None
+    except ValueError:
+        dims = None
+    if dims is None:
+        for key in PUBLISHED_DIMS:
+            model.setdefault(key, _UNREAD_DIMS.get(key, 0))
+        return data
+    for key, value in dims.items():
+        if key in model and model[key] != value:
+            errors.append(
+                f"model.{key}: {model[key]!r} differs from {value!r} in model.config {config} "
+                "(a whole-VLM recipe takes its dims from the base's published config)"
+            )
+        model[key] = value
+    return data
 
 
 def _deep_merge(base: dict, child: dict) -> dict:
@@ -207,6 +254,7 @@ def recipe_from_dict(
     """Validate a recipe given as nested dicts; raises ``RecipeError`` listing every problem
     (``errors`` may carry problems found earlier, e.g. in ``--set`` overrides)."""
     errors = list(errors or [])
+    data = _with_published_dims(data, errors)
     recipe = _build(Recipe, data, "", errors)
     if errors or recipe is _INVALID:
         raise RecipeError(source, errors)
@@ -224,9 +272,21 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] | None = ()) -
         except RecipeError as err:
             errors.extend(f"--set {p}" for p in err.problems)
             continue
+        if key == "model.config" and isinstance(value, str) and value:
+            value = str(Path(value).resolve())  # relative to the working directory
+        elif key == "model" and isinstance(value, dict):
+            _resolve_model_config({"model": value}, Path.cwd())
         problem = _set_dotted(data, key, value)
         if problem:
             errors.append(f"--set {key}: {problem}")
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("base"):
+        for key in [k for k in PUBLISHED_DIMS if k in model]:
+            del model[key]  # reported once here, not again against the config's value
+            errors.append(
+                f"model.{key}: is read from model.config in a whole-VLM recipe (model.base = "
+                f"{model['base']!r}); remove it: the base's published config is the one source"
+            )
     return recipe_from_dict(data, str(path), errors)
 
 

@@ -203,7 +203,7 @@ class Recipe:
     def problems(self) -> list[Problem]:
         """Checks that span sections; keys are full dotted TOML keys."""
         out: list[Problem] = []
-        if self.moe is not None:
+        if self.moe is not None and self.model.num_layers > 0:  # else reported under [model]
             # The section's own checks ran when it was read; this adds the model's depth.
             own = set(self.moe.problems())
             out.extend(
@@ -218,6 +218,14 @@ class Recipe:
                     "is set but model.path is empty: a real run starts from both local "
                     "checkpoints (without model.path stage I builds a random model and would "
                     "ignore the vision tower); set model.path too, or leave vision.path empty",
+                )
+            )
+        if self.model.base and self.stages.pretrain is not None:
+            out.append(
+                (
+                    "stages.pretrain",
+                    f"model.base is {self.model.base!r}: the recipe starts from a trained VLM; "
+                    "stage I trains a new projector from scratch — not for a whole-VLM recipe",
                 )
             )
         for name, stage in self.stages.present().items():

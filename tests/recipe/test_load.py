@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from moetool.recipe import RecipeError, load_recipe, parse_override, resolve_moe_layers
-from moetool.recipe.load import recipe_to_dict
+from moetool.recipe.load import recipe_from_dict, recipe_to_dict
 from moetool.recipe.paths import bundled_recipes, recipes_root, resolve_recipe
 from moetool.recipe.schema import parse_layer_layout
 
@@ -325,3 +325,154 @@ def test_lora_section_reports_every_problem_at_once(tmp_path):
     assert "lora.quantize: is 'nf4' but stages.moe_tune.zero_stage is 3" in text
     with pytest.raises(RecipeError, match="lacks 'routers'"):
         load_recipe(path, ['stages.moe_tune.trainable=["projector"]'] + ["lora.r=8"])
+
+
+# Whole-VLM recipes: [model] base + the base's published config.json -------------------------
+
+WHOLE_VLM_RECIPES = [
+    name for name in bundled_recipes() if load_recipe(ROOT / f"{name}.toml").model.base
+]
+
+
+def test_whole_vlm_recipes_exist_for_the_published_bases():
+    bases = {load_recipe(ROOT / f"{n}.toml").model.base for n in WHOLE_VLM_RECIPES}
+    assert bases == {
+        "qwen3_vl",
+        "qwen2_5_vl",
+        "internvl",
+        "smolvlm",
+        "gemma3",
+        "llava_onevision",
+    }
+
+
+@pytest.mark.parametrize("name", WHOLE_VLM_RECIPES)
+def test_whole_vlm_recipes_take_their_dims_from_the_published_config(name):
+    import json
+
+    from moetool.models.arch import published_dims
+
+    path = ROOT / f"{name}.toml"
+    recipe = load_recipe(path)
+    model = recipe.model
+    assert Path(model.config) == path.parent / "config.json"  # absolute, next to the recipe
+    raw = json.loads(Path(model.config).read_text())
+    assert raw["model_type"] == model.base
+    text = raw.get("text_config", raw)  # Qwen2.5-VL was published flat
+    for key, config_key in [
+        ("hidden_size", "hidden_size"),
+        ("num_layers", "num_hidden_layers"),
+        ("ffn_hidden_size", "intermediate_size"),
+    ]:
+        assert getattr(model, key) == text[config_key], key
+    assert {k: getattr(model, k) for k in published_dims(model.config, model.base)} == (
+        published_dims(model.config, model.base)
+    )
+    assert model.ffn_linears == 3 and model.path  # the whole VLM checkpoint (hub id)
+    assert list(recipe.stages.present()) == ["moe_tune"]
+    assert (recipe.moe.num_experts, recipe.moe.top_k) == (4, 2)
+    assert recipe.moe_layer_indices == tuple(range(0, model.num_layers, 2))
+    assert recipe_from_dict(recipe_to_dict(recipe)) == recipe
+
+
+def test_gemma3_dims_come_from_the_config_class_defaults():
+    # The published gemma-3-4b-it config leaves heads and vocabulary to Gemma3TextConfig.
+    model = load_recipe(resolve_recipe("gemma3-4b/moe-4x-top2")).model
+    assert (model.model_type, model.vocab_size, model.num_heads, model.num_kv_heads) == (
+        "gemma3_text",
+        262_208,
+        8,
+        4,
+    )
+    assert model.tie_embeddings
+
+
+def test_whole_vlm_config_is_relative_to_the_file_that_sets_it(tmp_path, monkeypatch):
+    bundled = ROOT / "llava-onevision-0.5b"
+    child = tmp_path / "child.toml"
+    child.write_text(f'extends = "{bundled}/moe-4x-top2.toml"\nname = "child"\n')
+    assert load_recipe(child).model.config == str(bundled / "config.json")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text((bundled / "config.json").read_text())
+    child.write_text(
+        f'extends = "{bundled}/moe-4x-top2.toml"\nname = "child"\n'
+        '[model]\nconfig = "mine/config.json"\n'
+    )
+    assert load_recipe(child).model.config == str(tmp_path / "mine" / "config.json")
+    monkeypatch.chdir(tmp_path / "mine")  # --set paths are relative to the working directory
+    recipe = load_recipe(bundled / "moe-4x-top2.toml", ["model.config=config.json"])
+    assert recipe.model.config == str(tmp_path / "mine" / "config.json")
+
+
+def test_whole_vlm_recipe_reports_every_problem_at_once(tmp_path):
+    (tmp_path / "gemma.json").write_text('{"model_type": "gemma3"}')
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        'name = "bad"\n'
+        "[model]\n"
+        'base = "qwen3_vl"\n'
+        'config = "gemma.json"\n'
+        "hidden_size = 64\n"
+        "num_layers = 4\n"
+        "[stages.pretrain]\n"
+        'trainable = ["projector"]\n'
+        'data = ["a.json"]\n'
+        "lr = 1e-3\n"
+        "global_batch_size = 8\n"
+        "per_device_batch_size = 2\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    problems = info.value.problems
+    assert [p.split(":")[0] for p in problems] == [
+        "model.hidden_size",
+        "model.num_layers",
+        "model.config",
+        "stages.pretrain",
+    ], problems
+    text = "\n".join(problems)
+    assert "is read from model.config in a whole-VLM recipe" in text
+    assert f"{tmp_path / 'gemma.json'} has model_type 'gemma3', not model.base 'qwen3_vl'" in text
+    assert "stage I trains a new projector from scratch" in text
+
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["model.base=qwen4_vl", "model.config=", "stages.pretrain.lr=1"])
+    assert "model.base: unknown vision-language model_type 'qwen4_vl'; known: llava," in str(
+        info.value
+    )
+    with pytest.raises(RecipeError, match="model.config: is empty: a whole-VLM recipe"):
+        load_recipe(path, ["model.config="])
+    with pytest.raises(RecipeError, match=r"model.config: no such file .*missing.json"):
+        load_recipe(path, [f"model.config={tmp_path / 'missing.json'}"])
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(RecipeError, match="broken.json is not a readable JSON config"):
+        load_recipe(path, [f"model.config={tmp_path / 'broken.json'}"])
+
+
+def test_a_resolved_whole_vlm_recipe_must_agree_with_its_config():
+    from moetool.recipe import recipe_from_dict
+
+    data = recipe_to_dict(load_recipe(resolve_recipe("qwen3-vl-2b/moe-4x-top2")))
+    data["model"]["num_layers"] = 12
+    with pytest.raises(RecipeError, match="model.num_layers: 12 differs from 28 in model.config"):
+        recipe_from_dict(data)
+
+
+def test_config_without_base_is_refused():
+    with pytest.raises(RecipeError, match="model.config: is set but model.base is empty"):
+        load_recipe(ROOT / "tiny/llama.toml", ["model.config=/x/config.json"])
+
+
+@pytest.mark.parametrize(("base", "layers"), [("qwen3-1.7b", 28), ("qwen3-4b", 36)])
+def test_qwen3_recipes_are_the_llava_layout_with_siglip_384(base, layers):
+    dense = load_recipe(resolve_recipe(f"{base}/dense"))
+    assert dense.model.model_type == "qwen3" and not dense.model.base
+    assert dense.model.tie_embeddings and dense.model.extra["head_dim"] == 128
+    assert dense.data.template == "chatml" and dense.stages.pretrain.template == "plain"
+    assert dense.vision.type == "siglip" and dense.vision.image_tokens == 729
+    assert dense.moe is None and list(dense.stages.present()) == ["pretrain", "instruct"]
+    moe = load_recipe(resolve_recipe(f"{base}/moe-4x-top2"))
+    assert list(moe.stages.present()) == ["pretrain", "instruct", "moe_tune"]
+    assert moe.moe_layer_indices == tuple(range(0, layers, 2))
+    every = load_recipe(resolve_recipe(f"{base}/moe-4x-top2-all"))
+    assert every.moe_layer_indices == tuple(range(layers))
