@@ -57,6 +57,7 @@ trainable = ["ffn", "routers"]
 data = ["stage3.json"]
 lr = 2e-3
 warmup_ratio = 0.0
+epochs = 2
 max_steps = 6
 global_batch_size = 4
 per_device_batch_size = 2
@@ -76,7 +77,7 @@ def whole_vlm(tmp_path, monkeypatch, colour_world):
     def make(base: str, zero: int):
         from moetool.tiny_vlm import build_random_vlm
 
-        colour_world(tmp_path)
+        colour_world(tmp_path, n=19)  # and the broken one: 20, every one met in 6 steps
         data = json.loads((tmp_path / "data/stage3.json").read_text())
         (tmp_path / "data/img/broken.png").write_bytes(b"not a png")
         data.insert(5, dict(data[0], id="broken", image="img/broken.png"))
