@@ -40,6 +40,7 @@ def recipes(
                     "recipe": name,
                     "name": r.name,
                     "model_type": r.model.model_type,
+                    "base": r.model.base or None,  # a whole-VLM recipe's dense VLM
                     "moe": moe,
                     "stages": list(r.stages.present()),
                     "paper": list(r.paper.tables),
@@ -56,7 +57,7 @@ def recipes(
                 [
                     [
                         x["recipe"],
-                        x["model_type"],
+                        x["base"] or x["model_type"],
                         x["moe"],
                         " ".join(stage_marks[s] for s in x["stages"]),
                         ", ".join(t.removeprefix("Table ") for t in x["paper"]),
