@@ -2,8 +2,8 @@
 header index of a checkpoint directory (where each tensor's bytes are), a writer whose header is
 known in advance, sharding with an index (huggingface_hub's splitter), and byte-range copies
 done by the kernel (why the header is read here: ``safetensors.safe_open`` does not give a
-tensor's byte offsets). Shared by
-``upcycle``, ``convert`` and ``export``."""
+tensor's byte offsets), and ``CheckpointTransform``: the skeleton of ``upcycle``, ``convert``
+and ``export``, which each turn one checkpoint directory into another tensor by tensor."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from moetool.io import OutputExistsError, UnsafeOverwriteError, atomic_output_dir, check_overwrite
 
 
 class CheckpointError(ValueError):
@@ -240,3 +243,122 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copytree(item, dst / item.name)
         else:
             shutil.copy2(item, dst / item.name)
+
+
+class CheckpointTransform:
+    """One checkpoint directory turned into another, tensor by tensor: the steps ``upcycle``,
+    ``convert`` and ``export`` share. Opening checks the source (a directory with a
+    ``config.json`` object, read into ``config``) and refuses an ``out`` that exists (without
+    ``overwrite``) or is or contains an input; ``write`` streams the tensors into a temporary
+    directory beside ``out``, writes the config and side files there and renames it when
+    complete; the source files are closed when the ``with`` block ends. Each command supplies
+    what is its own: its plan's tensors, how each one's bytes are written, its config, extra
+    files. Every refusal is raised as ``error`` (the command's exception class) with the path."""
+
+    def __init__(
+        self,
+        src: str | Path,
+        out: str | Path,
+        error: Callable[[str], Exception],
+        overwrite: bool = False,
+        inputs: Iterable[str | Path | None] = (),
+    ) -> None:
+        self.src, self.out = Path(src), Path(out)
+        self.error = error
+        self.overwrite = overwrite
+        self.inputs = [self.src, *inputs]
+        if not self.src.is_dir():
+            raise error(f"{self.src}: no such checkpoint directory")
+        if self.out.exists() and not overwrite:
+            raise error(f"{self.out} already exists (pass --overwrite to replace it)")
+        try:
+            check_overwrite(self.out, self.inputs)
+        except UnsafeOverwriteError as err:
+            raise error(str(err)) from None
+        self.config: dict = self._read_config()
+        self.sources = SourceFiles()
+        self._entries: dict[str, TensorEntry] | None = None
+        self._readers: dict[Path, object] = {}
+        self._opened = ExitStack()  # files read as tensors, and what the command asks to close
+
+    def _read_config(self) -> dict:
+        file = self.src / "config.json"
+        try:
+            config = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise self.error(f"{self.src}: not a checkpoint directory (no config.json)") from None
+        except ValueError as err:
+            raise self.error(f"{file}: not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise self.error(f"{file}: not a JSON object")
+        return config
+
+    @property
+    def entries(self) -> dict[str, TensorEntry]:
+        """Every tensor of the source's safetensors weights (its index, read on first use)."""
+        if self._entries is None:
+            try:
+                self._entries = read_checkpoint_index(self.src)
+            except CheckpointError as err:
+                raise self.error(str(err)) from None
+            except ValueError as err:  # an index or header that is not JSON
+                raise self.error(f"{self.src}: {err}") from None
+        return self._entries
+
+    def copy_tensor(self, f, name: str) -> None:
+        """Append the bytes of source tensor ``name`` to ``f`` (a byte-range copy)."""
+        self.sources.copy(f, self.entries[name])
+
+    def read_tensor(self, name: str):
+        """Source tensor ``name``, loaded (imports torch): for tensors a command computes."""
+        entry = self.entries[name]
+        if entry.file not in self._readers:
+            from safetensors import safe_open
+
+            reader = self._opened.enter_context(safe_open(str(entry.file), framework="pt"))
+            self._readers[entry.file] = reader
+        return self._readers[entry.file].get_tensor(name)
+
+    def close_with(self, close: Callable[[], object]) -> None:
+        """Call ``close`` when the source files are closed (a command's own source reader)."""
+        self._opened.callback(close)
+
+    def write(
+        self,
+        tensors: Iterable[TensorSpec],
+        write_tensor: Callable[[TensorSpec, object], None],
+        config: dict | object,
+        side_files: bool = True,
+        finish: Callable[[Path], None] | None = None,
+        max_shard_bytes: int = 5 * 1024**3,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Write the output: ``tensors`` (``write_tensor(spec, file)`` appends each one's
+        bytes; sharded as ``write_sharded_safetensors`` does), ``config`` (a dict, or a
+        transformers config written by its ``save_pretrained``), the source's side files
+        unless not ``side_files`` (``copy_side_files``), then ``finish(directory)`` for the
+        command's own; all in a temporary directory that replaces ``out`` when complete."""
+        try:
+            with atomic_output_dir(self.out, self.overwrite, inputs=self.inputs) as tmp:
+                write_sharded_safetensors(tmp, tensors, write_tensor, max_shard_bytes, progress)
+                if isinstance(config, dict):
+                    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+                else:
+                    config.save_pretrained(tmp)
+                if side_files:
+                    copy_side_files(self.src, tmp)
+                if finish is not None:
+                    finish(tmp)
+        except (UnsafeOverwriteError, OutputExistsError) as err:  # out changed since opening
+            raise self.error(str(err)) from None
+
+    def close(self) -> None:
+        self.sources.close()
+        self._readers.clear()
+        self._opened.close()
+
+    def __enter__(self) -> CheckpointTransform:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

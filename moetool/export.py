@@ -14,26 +14,19 @@ which are built from the expert tensors one expert at a time.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from moetool._version import __version__
 from moetool.checkpoint_io import (
     SAFETENSORS_DTYPE_BYTES,
-    CheckpointError,
-    SourceFiles,
+    CheckpointTransform,
     TensorEntry,
-    copy_side_files,
-    read_checkpoint_index,
     tensor_bytes,
-    write_sharded_safetensors,
 )
-from moetool.io import UnsafeOverwriteError, atomic_output_dir
 from moetool.models.bases import VLMBase, get_base, is_sparse_model_type
 from moetool.models.build import carry_training_processor, checkpoint_aspect_ratio
 from moetool.models.moe.config import MoEConfig, MoEConfigError
@@ -493,49 +486,28 @@ def export_checkpoint(
     """Write the native export of the sparse checkpoint ``src`` to ``out`` (streamed, into a
     temporary folder renamed when complete); tokenizer, processor, chat template and generation
     config are copied."""
-    src, out = Path(src), Path(out)
-    config_file = src / "config.json"
-    if not config_file.is_file():
-        raise ExportError(f"{src}: not a checkpoint directory (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-        entries = read_checkpoint_index(src)
-    except (CheckpointError, ValueError) as err:
-        raise ExportError(f"{src}: {err}") from None
-    plan = plan_export(config, entries, target)
-    sources = SourceFiles()
-    opened = ExitStack()  # source files read as tensors (fused experts)
-    readers: dict[Path, object] = {}
+    with CheckpointTransform(src, out, ExportError, overwrite) as job:
+        plan = plan_export(job.config, job.entries, target)
 
-    def read(name: str):
-        entry = entries[name]
-        if entry.file not in readers:
-            from safetensors import safe_open
+        def write_tensor(spec: ExportTensor, f) -> None:
+            if spec.fused:
+                import torch
 
-            readers[entry.file] = opened.enter_context(safe_open(entry.file, framework="pt"))
-        return readers[entry.file].get_tensor(name)
+                for stacked in spec.fused:  # one expert at a time
+                    f.write(tensor_bytes(torch.cat([job.read_tensor(n) for n in stacked]).T))
+            elif spec.source is None:
+                f.write(bytes(spec.nbytes))  # zeros in every dtype
+            else:
+                job.copy_tensor(f, spec.source)
 
-    def write_tensor(spec: ExportTensor, f) -> None:
-        if spec.fused:
-            import torch
-
-            for stacked in spec.fused:  # one expert at a time
-                f.write(tensor_bytes(torch.cat([read(name) for name in stacked]).T))
-        elif spec.source is None:
-            f.write(bytes(spec.nbytes))  # zeros in every dtype
-        else:
-            sources.copy(f, entries[spec.source])
-
-    try:
-        with atomic_output_dir(out, overwrite, inputs=[src]) as tmp:
-            write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes, progress)
-            (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-            copy_side_files(src, tmp)
-            # The export has no moetool block: its processor alone must shape images as trained.
-            carry_training_processor(tmp, checkpoint_aspect_ratio(config))
-    except UnsafeOverwriteError as err:
-        raise ExportError(str(err)) from None
-    finally:
-        sources.close()
-        opened.close()
+        # The export has no moetool block: its processor alone must shape images as trained.
+        aspect_ratio = checkpoint_aspect_ratio(job.config)
+        job.write(
+            plan.tensors,
+            write_tensor,
+            plan.config,
+            finish=lambda tmp: carry_training_processor(tmp, aspect_ratio),
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+        )
     return plan

@@ -8,7 +8,6 @@ experts are computed.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import zlib
@@ -20,14 +19,11 @@ from moetool._version import __version__
 from moetool.checkpoint_io import (
     SAFETENSORS_DTYPE_BYTES,
     CheckpointError,
-    SourceFiles,
+    CheckpointTransform,
     TensorEntry,
-    copy_side_files,
-    read_checkpoint_index,
+    read_checkpoint_index,  # noqa: F401 (where a plan's entries come from; tests import it here)
     tensor_bytes,
-    write_sharded_safetensors,
 )
-from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
 from moetool.models.attention import checkpoint_attn_implementation
 from moetool.models.bases import get_base, is_sparse_model_type
 from moetool.models.build import carry_training_processor, checkpoint_aspect_ratio
@@ -259,15 +255,8 @@ def upcycle_state_dict(dense: dict, plan: UpcyclePlan) -> dict:
     return out
 
 
-def load_source_config(src: Path) -> dict:
-    """The dense checkpoint's config: a VLM of a known base (``models.bases``)."""
-    config_file = src / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise UpcycleError(f"{src}: not a checkpoint directory (no config.json)") from None
-    except ValueError as err:
-        raise UpcycleError(f"{config_file}: not valid JSON ({err})") from None
+def check_dense_config(src: Path, config: dict) -> None:
+    """Refuse a source whose config is not a dense VLM of a known base (``models.bases``)."""
     if is_sparse_model_type(config.get("model_type")) or "moe" in config:
         raise UpcycleError(
             f"{src} is already sparse (its config has a moe section); upcycle "
@@ -279,7 +268,33 @@ def load_source_config(src: Path) -> dict:
         raise UpcycleError(f"{src}: {err.args[0]}") from None
     if "text_config" not in config:
         raise UpcycleError(f"{src}: its config has no text_config (the language model's)")
-    return config
+
+
+def sparse_config(config: dict, plan: UpcyclePlan, src: Path) -> dict:
+    """The sparse checkpoint's config: the dense ``config`` with the base's sparse model type,
+    the ``moe`` section and the ``moetool`` block."""
+    base = get_base(config["model_type"])
+    out = dict(config)
+    out["model_type"] = base.sparse_model_type
+    out["architectures"] = ["MoE" + name for name in config.get("architectures") or []] or [
+        "MoELlavaForConditionalGeneration"
+    ]
+    out["moe"] = plan.moe.to_dict()
+    out["moetool"] = {
+        "version": __version__,
+        "stage": "upcycled",
+        "source": str(src),
+        # How the routers and experts were made is in `moe` (router_init, router_std,
+        # drop_upcycling); the seed and the FFN layout found complete it.
+        "upcycle": {"seed": plan.seed, "mlp_structure": plan.structure.name},
+    }
+    attention = checkpoint_attn_implementation(config)
+    if attention is not None:  # the dense checkpoint's attention carries over
+        out["moetool"]["attn_implementation"] = attention
+    aspect_ratio = checkpoint_aspect_ratio(config)
+    if aspect_ratio is not None:  # the dense model's; the copied processor is made to shape so
+        out["moetool"]["image_aspect_ratio"] = aspect_ratio
+    return out
 
 
 def upcycle_checkpoint(
@@ -291,85 +306,46 @@ def upcycle_checkpoint(
     max_shard_bytes: int = 5 * 1024**3,
     progress: Callable[[int, int], None] | None = None,
 ) -> UpcyclePlan:
-    """Upcycle the dense LLaVA checkpoint ``src`` into the sparse checkpoint ``out``.
+    """Upcycle the dense checkpoint ``src`` into the sparse checkpoint ``out``.
 
     Streams tensor by tensor; written to a temporary directory renamed when complete. Files other
     than weights and config (tokenizer, processor, generation config) are copied unchanged.
     """
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise UpcycleError(f"{src}: no such checkpoint directory")
-    if out.exists() and not overwrite:
-        raise UpcycleError(f"{out} already exists (pass --overwrite to replace it)")
-    try:
-        check_overwrite(out, [src])
-    except UnsafeOverwriteError as err:
-        raise UpcycleError(str(err)) from None
-    config = load_source_config(src)
-    base = get_base(config["model_type"])
-    text = config["text_config"]
-    try:
-        entries = read_checkpoint_index(src)
-    except CheckpointError as err:
-        raise UpcycleError(str(err)) from None
-    plan = plan_upcycle(
-        entries, text["num_hidden_layers"], text["hidden_size"], moe, seed, base.mlp_key
-    )
-
-    sources = SourceFiles()
-    handles: dict[Path, object] = {}
-    dense_cache: dict = {}  # one dense FFN tensor while its experts are made (Drop-Upcycling)
-
-    def source_tensor(name: str):
-        from safetensors import safe_open  # torch is imported only for Drop-Upcycling
-
-        if name not in dense_cache:
-            dense_cache.clear()
-            entry = entries[name]
-            if entry.file not in handles:
-                handles[entry.file] = safe_open(str(entry.file), "pt")
-            dense_cache[name] = handles[entry.file].get_tensor(name)
-        return dense_cache[name]
-
-    def write_tensor(spec: OutputTensor, f) -> None:
-        exact_copy = spec.kind == "copy" or (
-            spec.kind == "expert"
-            and (plan.moe.drop_upcycling == 0 or spec.role not in ("in", "out"))
+    with CheckpointTransform(src, out, UpcycleError, overwrite) as job:
+        config = job.config
+        check_dense_config(job.src, config)
+        text = config["text_config"]
+        mlp_key = get_base(config["model_type"]).mlp_key
+        plan = plan_upcycle(
+            job.entries, text["num_hidden_layers"], text["hidden_size"], moe, seed, mlp_key
         )
-        if exact_copy:
-            sources.copy(f, entries[spec.source])
-        elif spec.kind == "router":
-            f.write(memoryview(init_router(plan, spec.layer)))
-        else:
-            tensor = make_expert_tensor(plan, spec, source_tensor(spec.source))
-            f.write(tensor_bytes(tensor))
+        dense_cache: dict = {}  # one dense FFN tensor while its experts are made (Drop-Upcycling)
 
-    try:
-        with atomic_output_dir(out, overwrite, inputs=[src]) as tmp:
-            write_sharded_safetensors(tmp, plan.tensors, write_tensor, max_shard_bytes, progress)
-            sparse_config = dict(config)
-            sparse_config["model_type"] = base.sparse_model_type
-            sparse_config["architectures"] = [
-                "MoE" + name for name in config.get("architectures") or []
-            ] or ["MoELlavaForConditionalGeneration"]
-            sparse_config["moe"] = plan.moe.to_dict()
-            sparse_config["moetool"] = {
-                "version": __version__,
-                "stage": "upcycled",
-                "source": str(src),
-                # How the routers and experts were made is in `moe` (router_init, router_std,
-                # drop_upcycling); the seed and the FFN layout found complete it.
-                "upcycle": {"seed": plan.seed, "mlp_structure": plan.structure.name},
-            }
-            attention = checkpoint_attn_implementation(config)
-            if attention is not None:  # the dense checkpoint's attention carries over
-                sparse_config["moetool"]["attn_implementation"] = attention
-            aspect_ratio = checkpoint_aspect_ratio(config)
-            if aspect_ratio is not None:  # the dense model's; the processor below shapes so
-                sparse_config["moetool"]["image_aspect_ratio"] = aspect_ratio
-            (tmp / "config.json").write_text(json.dumps(sparse_config, indent=2) + "\n")
-            copy_side_files(src, tmp)
-            carry_training_processor(tmp, aspect_ratio)
-    finally:
-        sources.close()
+        def source_tensor(name: str):  # torch is imported only for Drop-Upcycling
+            if name not in dense_cache:
+                dense_cache.clear()
+                dense_cache[name] = job.read_tensor(name)
+            return dense_cache[name]
+
+        def write_tensor(spec: OutputTensor, f) -> None:
+            exact_copy = spec.kind == "copy" or (
+                spec.kind == "expert"
+                and (plan.moe.drop_upcycling == 0 or spec.role not in ("in", "out"))
+            )
+            if exact_copy:
+                job.copy_tensor(f, spec.source)
+            elif spec.kind == "router":
+                f.write(memoryview(init_router(plan, spec.layer)))
+            else:
+                tensor = make_expert_tensor(plan, spec, source_tensor(spec.source))
+                f.write(tensor_bytes(tensor))
+
+        job.write(
+            plan.tensors,
+            write_tensor,
+            sparse_config(config, plan, job.src),
+            finish=lambda tmp: carry_training_processor(tmp, checkpoint_aspect_ratio(config)),
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+        )
     return plan

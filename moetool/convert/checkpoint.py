@@ -7,13 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moetool._version import __version__
-from moetool.checkpoint_io import (
-    write_sharded_safetensors,
-)
+from moetool.checkpoint_io import CheckpointTransform
 from moetool.convert.backbones import SOURCE_FORMATS, Backbone, ConvertError, get_backbone
 from moetool.convert.config import (
     build_sparse_config,
-    load_official_config,
     moe_section_from_official,
     text_config_kwargs,
     vision_config_for,
@@ -21,7 +18,6 @@ from moetool.convert.config import (
 from moetool.convert.plan import ConversionPlan, expected_tensors, plan_conversion
 from moetool.convert.processor import build_converted_processor, prepare_tokenizer
 from moetool.convert.source import SourceCheckpoint
-from moetool.io import UnsafeOverwriteError, atomic_output_dir, check_overwrite
 
 
 @dataclass(frozen=True)
@@ -73,28 +69,20 @@ def convert_checkpoint(
 
     if source_format not in SOURCE_FORMATS:
         raise ConvertError(f"--from {source_format!r}; known: {', '.join(SOURCE_FORMATS)}")
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise ConvertError(f"{src}: no such checkpoint directory")
-    if out.exists() and not overwrite:
-        raise ConvertError(f"{out} already exists (pass --overwrite to replace it)")
-    inputs = [src, options.tokenizer, options.vision_config]
-    try:
-        check_overwrite(out, inputs)
-    except UnsafeOverwriteError as err:
-        raise ConvertError(str(err)) from None
-    official = load_official_config(src)
-    backbone = get_backbone(official.get("model_type"))
-    text_kwargs = text_config_kwargs(official, backbone)
-    moe = moe_section_from_official(
-        official.get("moe"), text_kwargs["num_hidden_layers"], options.keep_capacity
-    )
-    source = SourceCheckpoint(src)
-    try:
+    inputs = [options.tokenizer, options.vision_config]
+    with CheckpointTransform(src, out, ConvertError, overwrite, inputs) as job:
+        official = job.config
+        backbone = get_backbone(official.get("model_type"))
+        text_kwargs = text_config_kwargs(official, backbone)
+        moe = moe_section_from_official(
+            official.get("moe"), text_kwargs["num_hidden_layers"], options.keep_capacity
+        )
+        source = SourceCheckpoint(job.src)
+        job.close_with(source.close)
         vision = vision_config_for(official, options.vision_config)
         template = options.template or backbone.template
         tokenizer, image_token_id, eos_id = prepare_tokenizer(
-            Path(options.tokenizer) if options.tokenizer else src, template
+            Path(options.tokenizer) if options.tokenizer else job.src, template
         )
         vocab = text_kwargs["vocab_size"]
         overrides = {"eos_token_id": eos_id, "pad_token_id": tokenizer.pad_token_id}
@@ -114,7 +102,7 @@ def convert_checkpoint(
         config.moetool = {
             "version": __version__,
             "stage": "converted",
-            "source": str(src),
+            "source": str(job.src),
             "convert": {
                 "from": source_format,
                 "model_type": backbone.official_model_type,
@@ -132,15 +120,23 @@ def convert_checkpoint(
             config.vision_feature_select_strategy,
             vision_dir if vision_dir is not None and vision_dir.is_dir() else None,
         )
-        with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
-            write_sharded_safetensors(tmp, plan.tensors, source.write, max_shard_bytes, progress)
-            config.save_pretrained(tmp)
+        generation = GenerationConfig(
+            bos_token_id=config.text_config.bos_token_id,
+            eos_token_id=eos_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+        def write_processor(tmp: Path) -> None:  # built here, not copied from the source
             processor.save_pretrained(tmp)
-            GenerationConfig(
-                bos_token_id=config.text_config.bos_token_id,
-                eos_token_id=eos_id,
-                pad_token_id=tokenizer.pad_token_id,
-            ).save_pretrained(tmp)
-    finally:
-        source.close()
+            generation.save_pretrained(tmp)
+
+        job.write(
+            plan.tensors,
+            source.write,
+            config,
+            side_files=False,
+            finish=write_processor,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+        )
     return ConversionResult(plan, backbone, config, template, vocab_padded)

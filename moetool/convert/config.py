@@ -301,9 +301,3 @@ def read_json_object(file: Path, missing: str) -> dict:
     if not isinstance(data, dict):
         raise ConvertError(f"{file}: not a JSON object")
     return data
-
-
-def load_official_config(src: Path) -> dict:
-    return read_json_object(
-        src / "config.json", missing=f"{src}: not a checkpoint directory (no config.json)"
-    )
