@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "moetool.train",
             "moetool.tiny",
             "moetool.tiny_vlm",
+            "moetool.smoke",
             "moetool.quickstart",
             "moetool.vllm_model",
             "moetool.vllm_plugin",

@@ -4,7 +4,8 @@ import pytest
 
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import recipes_root
-from moetool.tiny import IMAGE_TOKEN, PRESETS, build_tokenizer, preset_recipe, smoke_recipe
+from moetool.smoke import smoke_recipe
+from moetool.tiny import IMAGE_TOKEN, PRESETS, build_tokenizer, preset_recipe
 
 
 def test_presets_resolve_to_recipes():

@@ -19,7 +19,7 @@ from pathlib import Path
 from moetool.recipe import load_recipe
 from moetool.recipe.load import recipe_to_dict
 from moetool.recipe.paths import recipes_root
-from moetool.tiny import smoke_recipe
+from moetool.smoke import smoke_recipe
 from moetool.train.runner import run_stage
 from moetool.train.start import default_init
 
