@@ -409,6 +409,9 @@ def _plan_qwen3_vl_moe(
         "mlp_only_layers": mlp_only,
         "router_aux_loss_coef": moe.aux_loss_coef,
         "output_router_logits": False,
+        # Not a field of transformers' config (its model always renormalises), but vLLM's
+        # Qwen3-VL-MoE reads it as Qwen3-MoE's and fails to build without it.
+        "norm_topk_prob": True,
         # the text config's own default is true; the VLM's decides, and vLLM reads this one
         "tie_word_embeddings": config.get("tie_word_embeddings", False),
     }

@@ -181,6 +181,7 @@ def test_qwen3_vl_experts_are_fused_as_the_released_checkpoints_store_them(expor
     text = text["text_config"]
     assert (text["mlp_only_layers"], text["decoder_sparse_step"]) == ([1, 3], 1)
     assert text["tie_word_embeddings"] is False
+    assert text["norm_topk_prob"] is True  # vLLM's Qwen3-VL-MoE fails to build without it
 
 
 def test_qwen3_vl_with_raw_top1_weights_is_refused(exported):
