@@ -21,6 +21,7 @@ def recipes(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the bundled recipes, or validate one (with --set overrides) and show it resolved."""
+    from moetool.quickstart import load_quickstart_recipe, whole_vlm_quickstart
     from moetool.recipe import RecipeError, load_recipe
     from moetool.recipe.load import recipe_to_dict
     from moetool.recipe.paths import bundled_recipes, recipes_root, resolve_recipe
@@ -30,8 +31,12 @@ def recipes(
             fail("--set goes with a RECIPE")
         rows = []
         for name in bundled_recipes():
+            quickstart = whole_vlm_quickstart(name)  # its [model] dims: its tiny base's
             try:
-                r = load_recipe(recipes_root() / f"{name}.toml")
+                if quickstart is not None:
+                    r = load_quickstart_recipe(quickstart)
+                else:
+                    r = load_recipe(recipes_root() / f"{name}.toml")
             except RecipeError as err:
                 fail(str(err))
             moe = _describe_moe(r)
@@ -39,7 +44,7 @@ def recipes(
                 {
                     "recipe": name,
                     "name": r.name,
-                    "model_type": r.model.model_type,
+                    "model_type": r.model.base or r.model.model_type,
                     "moe": moe,
                     "stages": list(r.stages.present()),
                     "paper": list(r.paper.tables),

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from moetool.quickstart import whole_vlm_quickstart
 from moetool.recipe import load_recipe
 from moetool.recipe.paths import bundled_recipes, recipes_root
 
@@ -38,7 +39,9 @@ def test_every_bundled_recipe_runs_in_smoke_form(tmp_path):
         tmp_path / "data",
         SynthConfig(image_size=32, stage1=16, stage2=16, stage3=16, eval_images=4),
     )
-    names = bundled_recipes()
+    # A whole-VLM quickstart's recipe starts from the tiny base the quickstart builds; the
+    # quickstart's own test runs it (tests/integration/test_quickstart.py).
+    names = [n for n in bundled_recipes() if whole_vlm_quickstart(n) is None]
     proc = subprocess.run(
         [sys.executable, "-c", DRIVER, str(tmp_path / "data"), str(tmp_path / "runs"), *names],
         capture_output=True,

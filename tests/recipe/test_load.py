@@ -17,7 +17,14 @@ def test_bundled_recipes_are_the_source_tree_recipes():
 
 @pytest.mark.parametrize("name", bundled_recipes())
 def test_every_recipe_loads_and_validates(name):
-    recipe = load_recipe(ROOT / f"{name}.toml")
+    from moetool.quickstart import load_quickstart_recipe, whole_vlm_quickstart
+
+    quickstart = whole_vlm_quickstart(name)  # its [model] dims are its tiny base's
+    if quickstart is not None:
+        recipe = load_quickstart_recipe(quickstart)
+        assert recipe.model.base == quickstart.model_type
+    else:
+        recipe = load_recipe(ROOT / f"{name}.toml")
     assert recipe.name
     assert recipe.stages.present(), "a recipe trains at least one stage"
     if recipe.moe is not None:
