@@ -11,9 +11,9 @@ family's processor reads them; every processor carries a chat template in the fa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moetool.tiny import build_tokenizer
 
@@ -164,7 +164,8 @@ def _llava_onevision(tok, text: dict) -> tuple[dict, dict]:
 
 def _qwen_vl(tok, text: dict, vision: dict, mrope: dict, patch: int, video_class):
     """The Qwen-VL families: same token ids and image processor, M-RoPE (``mrope``) over time,
-    height and width, ``patch`` pixels per patch and 2x2 patches merged into one token."""
+    height and width, ``patch`` pixels per patch and 2x2 patches merged into one token. The
+    merger's output width is the text's (``vision`` names it)."""
     from transformers import Qwen2VLImageProcessor
 
     rope = {"rope_type": "default", "rope_theta": 10000.0, **mrope}
@@ -191,16 +192,28 @@ def _qwen_vl(tok, text: dict, vision: dict, mrope: dict, patch: int, video_class
 
 
 # M-RoPE splits the rotary half of head_dim (16 / 2 = 8) into time, height and width sections;
-# the configs' defaults ([16, 24, 24], [24, 20, 20]) are sized for head_dim 128.
-MROPE = {"mrope_section": [2, 3, 3]}
+# the configs' defaults ([16, 24, 24], [24, 20, 20]) are sized for head_dim 128. The same shares
+# at any head_dim: Qwen2-VL's [2, 3, 3] and Qwen3-VL's [4, 2, 2] at 16.
+def _mrope_section(head_dim: int, time_share: int) -> list[int]:
+    half = head_dim // 2
+    time = half // time_share
+    height = (half - time) // 2
+    return [time, height, half - time - height]
 
 
 def _qwen2_vl(tok, text: dict) -> tuple[dict, dict]:
     from transformers import Qwen2VLVideoProcessor
 
     # embed_dim is the ViT's width; hidden_size the merger's output, the text width.
-    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2}
-    return _qwen_vl(tok, text, vision, MROPE, 14, Qwen2VLVideoProcessor)
+    vision = {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": text["hidden_size"],
+        "num_heads": 2,
+        "mlp_ratio": 2,
+    }
+    mrope = {"mrope_section": _mrope_section(text["head_dim"], 4)}
+    return _qwen_vl(tok, text, vision, mrope, 14, Qwen2VLVideoProcessor)
 
 
 def _qwen2_5_vl(tok, text: dict) -> tuple[dict, dict]:
@@ -212,11 +225,12 @@ def _qwen2_5_vl(tok, text: dict) -> tuple[dict, dict]:
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_heads": 2,
-        "out_hidden_size": 64,
+        "out_hidden_size": text["hidden_size"],
         "window_size": 112,
         "fullatt_block_indexes": [1],
     }
-    return _qwen_vl(tok, text, vision, MROPE, 14, Qwen2VLVideoProcessor)
+    mrope = {"mrope_section": _mrope_section(text["head_dim"], 4)}
+    return _qwen_vl(tok, text, vision, mrope, 14, Qwen2VLVideoProcessor)
 
 
 def _qwen3_vl(tok, text: dict) -> tuple[dict, dict]:
@@ -229,11 +243,11 @@ def _qwen3_vl(tok, text: dict) -> tuple[dict, dict]:
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_heads": 2,
-        "out_hidden_size": 64,
+        "out_hidden_size": text["hidden_size"],
         "num_position_embeddings": 16,
         "deepstack_visual_indexes": [0, 1],
     }
-    mrope = {"mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    mrope = {"mrope_section": _mrope_section(text["head_dim"], 2), "mrope_interleaved": True}
     return _qwen_vl(tok, text, vision, mrope, 16, Qwen3VLVideoProcessor)
 
 
@@ -491,12 +505,13 @@ def image_placeholder(base: str) -> str:
     return _spec(base).placeholder
 
 
-def _tokenizer(spec: _Base):
-    """The offline tokenizer with the base's special tokens, BOS/EOS/pad and chat template."""
+def _tokenizer(spec: _Base, vocab_size: int = BASE_VOCAB_SIZE):
+    """The offline tokenizer (``vocab_size`` tokens) with the base's special tokens, BOS/EOS/pad
+    and chat template."""
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    backend = build_tokenizer(BASE_VOCAB_SIZE).backend_tokenizer
+    backend = build_tokenizer(vocab_size).backend_tokenizer
     specials = [*spec.named.values(), *spec.extra, spec.bos, spec.eos, spec.pad]
     # Already known ones (e.g. <image>, <|im_end|>) keep their ids.
     backend.add_special_tokens(
@@ -515,19 +530,30 @@ def _tokenizer(spec: _Base):
 
 
 def build_random_vlm(
-    base: str, seed: int = 0, num_layers: int = 4
+    base: str,
+    seed: int = 0,
+    num_layers: int = 4,
+    *,
+    vocab_size: int = BASE_VOCAB_SIZE,
+    text: Mapping[str, Any] | None = None,
+    vision: Mapping[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A randomly initialised dense VLM of ``base``'s architecture at tiny size (``num_layers``
     decoder layers), in eval mode, and its processor. Same seed, same weights. No download.
-    Returns (model, processor)."""
+
+    Larger tiny sizes (the quickstart's): ``vocab_size`` is the offline tokenizer's before the
+    family's special tokens; ``text`` replaces entries of ``TEXT`` or adds text-config keys
+    (``initializer_range``), and the connector's output width and M-RoPE sections follow it;
+    ``vision`` replaces keys of the base's own vision config. Returns (model, processor)."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     spec = _spec(base)
-    tokenizer = _tokenizer(spec)
+    tokenizer = _tokenizer(spec, vocab_size)
     text = {
         **TEXT,
+        **(text or {}),
         "vocab_size": len(tokenizer),
         "num_hidden_layers": num_layers,
         "pad_token_id": tokenizer.pad_token_id,
@@ -535,6 +561,8 @@ def build_random_vlm(
         "eos_token_id": tokenizer.eos_token_id,
     }
     config_kwargs, processor_kwargs = spec.parts(tokenizer, text)
+    if vision:
+        config_kwargs["vision_config"] = {**config_kwargs["vision_config"], **vision}
     config = AutoConfig.for_model(base, **config_kwargs)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)

@@ -43,3 +43,24 @@ def test_pope_summary_averages_the_three_splits():
     assert summary["f1"] == pytest.approx(0.8)
     assert summary["yes_ratio"] == pytest.approx(0.5)
     assert json.loads(json.dumps(summary))["splits"] == metrics
+
+
+def test_the_whole_vlm_quickstart_recipe_describes_the_base_it_builds(tmp_path):
+    """``recipes/tiny/quickstart-qwen3-vl.config.json`` (the recipe's ``model.config``: its dims,
+    its parameter counts) is the config of the tiny base ``quickstart --base qwen3-vl`` builds."""
+    import json
+
+    from moetool.quickstart import get_quickstart_base, load_quickstart_recipe, tiny_base
+    from moetool.recipe.paths import recipes_root
+
+    base = get_quickstart_base("qwen3-vl")
+    model, _ = tiny_base(base)
+    model.config.save_pretrained(tmp_path)
+    built = json.loads((tmp_path / "config.json").read_text())
+    stored = json.loads((recipes_root() / "tiny/quickstart-qwen3-vl.config.json").read_text())
+    for config in (built, stored):
+        config.pop("transformers_version")
+    assert built == stored
+    recipe = load_quickstart_recipe(base)
+    assert recipe.model.base == "qwen3_vl"
+    assert recipe.model.hidden_size == built["text_config"]["hidden_size"]

@@ -147,3 +147,43 @@ def test_unknown_base_lists_the_known_ones():
         build_random_vlm("llava_13b")
     with pytest.raises(KeyError, match="known: llava"):
         image_placeholder("qwen")
+
+
+def test_default_sizes_are_unchanged():
+    """The tests' tiny sizes (golden values): text width 64, M-RoPE sections of head_dim 16."""
+    sections = {"qwen2_vl": [2, 3, 3], "qwen2_5_vl": [2, 3, 3], "qwen3_vl": [4, 2, 2]}
+    for base, section in sections.items():
+        config = built(base)[0].config
+        assert config.text_config.rope_parameters["mrope_section"] == section
+        vision = config.vision_config
+        merged = vision.hidden_size if base == "qwen2_vl" else vision.out_hidden_size
+        assert merged == config.text_config.hidden_size == 64
+    assert len(built("qwen3_vl")[1].tokenizer) == 512 + 4  # the BPE plus Qwen's special tokens
+
+
+@pytest.mark.parametrize("base", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "smolvlm"])
+def test_larger_sizes_carry_through_to_the_connector_and_m_rope(base):
+    """The quickstart's sizes: a wider text model with a wider initialisation, a larger
+    vocabulary and vision encoder; the connector feeds the new width and M-RoPE's sections
+    cover the new head_dim's rotary half."""
+    text = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32}
+    text |= {"num_attention_heads": 4, "num_key_value_heads": 4, "initializer_range": 0.08}
+    # The base's own vision config keys: Qwen2-VL's ViT width is embed_dim (its hidden_size is
+    # the merger's output).
+    width = "embed_dim" if base == "qwen2_vl" else "hidden_size"
+    vision = {width: 64}
+    model, processor = build_random_vlm(
+        base, num_layers=2, vocab_size=1024, text=text, vision=vision
+    )
+    config = model.config
+    assert config.text_config.hidden_size == 128 and config.text_config.initializer_range == 0.08
+    assert getattr(config.vision_config, width) == 64
+    assert config.text_config.vocab_size == len(processor.tokenizer) >= 1024
+    if base.startswith("qwen"):
+        assert sum(config.text_config.rope_parameters["mrope_section"]) == 32 // 2
+    embed = model.get_input_embeddings().weight
+    assert 0.07 < embed.std().item() < 0.09
+    inputs = vlm_inputs(processor, images(), PROMPTS)
+    with torch.no_grad():
+        out = model(**inputs, labels=inputs["input_ids"])
+    assert torch.isfinite(out.loss)

@@ -201,3 +201,46 @@ def test_stage_three_on_each_base_learns_from_its_own_chat_encoding(base, sparse
         optimizer.zero_grad()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("base", [b for b in known_bases() if b != "llava"])
+def test_routing_capture_over_llava_json_encodes_as_training_does(base, sparse_bases, tmp_path):
+    """Routing capture over LLaVA-JSON samples on a whole VLM: each sample encoded by the base's
+    own processor and chat template, as training encodes it (answers included), every token of
+    it routed top-2 in every MoE layer, its image tokens marked."""
+    import json
+
+    from moetool.data.chat import ChatPreprocessor
+    from moetool.data.llava_json import load_llava_json
+    from moetool.models.inference import load_checkpoint
+    from moetool.routing.capture import capture_from_llava_json
+
+    for i, image in enumerate(images(3)):
+        image.save(tmp_path / f"{i}.png")
+    samples = [
+        {
+            "id": f"s{i}",
+            "image": f"{i}.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is here?"},
+                {"from": "gpt", "value": "Shapes." if i else "A red circle and a blue square."},
+            ],
+        }
+        for i in range(2)
+    ]
+    (tmp_path / "samples.json").write_text(json.dumps(samples))
+    records = capture_from_llava_json(
+        sparse_bases[base], [tmp_path / "samples.json"], tmp_path, batch_size=2
+    ).records
+    model, processor = load_checkpoint(sparse_bases[base])
+    parsed, _ = load_llava_json([tmp_path / "samples.json"], tmp_path)
+    encoded = [ChatPreprocessor(processor, 2048).encode(s) for s in parsed]
+    tokens = sum(len(e["input_ids"]) for e in encoded)
+    image_token = model.config.image_token_id
+    image_tokens = sum(int((e["input_ids"] == image_token).sum()) for e in encoded)
+    assert image_tokens > 0
+    for layer in (0, 2):
+        rows = records[records.layer == layer]
+        assert len(rows) == 2 * tokens  # no padding token is routed
+        assert (rows.modality == "image").sum() == 2 * image_tokens
+        assert set(rows["sample"]) == {0, 1}

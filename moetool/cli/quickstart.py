@@ -1,4 +1,4 @@
-"""``moetool quickstart``: the whole pipeline on the tiny preset, in minutes on a CPU."""
+"""``moetool quickstart``: the whole pipeline on a tiny model, in minutes on a CPU."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from moetool.cli.render import console, fail, print_json, stdout_to_stderr, tabl
 
 PHASES = {
     "data": "synthetic data",
+    "base": "random dense VLM (the base)",
     "pretrain": "stage I (projector + vision)",
     "instruct": "stage II (LLM + projector + vision)",
     "moe_tune": "upcycle + stage III (MoE layers)",
@@ -24,24 +25,37 @@ PHASES = {
 
 def quickstart(
     out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("quickstart"),
+    base: Annotated[
+        str,
+        typer.Option(
+            "--base",
+            help="llava: the LLaVA layout built from parts (3 stages); qwen3-vl: a whole tiny "
+            "Qwen3-VL (stages II and III).",
+        ),
+    ] = "llava",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing DIR.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print summary.json at the end.")] = False,
 ) -> None:
-    """Run the whole pipeline on the tiny preset: data, 3 stages, upcycle, POPE, counts, figures.
+    """Run the whole pipeline on a tiny model: data, stages, upcycle, POPE, counts, figures.
 
     Synthetic data -> stage I -> stage II -> upcycle -> stage III ->
     POPE on the dense, the sparse and the blind sparse model ->
     param-count -> routing figures.
+    --base qwen3-vl starts from a tiny random Qwen3-VL (built into DIR/base) at stage II.
     Writes DIR/summary.json and the checkpoints DIR/dense and DIR/moe.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from moetool.io import OutputExistsError
-    from moetool.quickstart import run_quickstart
+    from moetool.quickstart import get_quickstart_base, run_quickstart
     from moetool.train.runner import TrainingError
 
+    try:
+        get_quickstart_base(base)
+    except ValueError as err:
+        fail(str(err))
     if out.exists() and not overwrite:
         fail(f"{out} already exists (pass --overwrite to replace it)")
     with Progress(
@@ -75,7 +89,7 @@ def quickstart(
 
         try:
             with stdout_to_stderr(as_json):
-                summary = run_quickstart(out, overwrite=overwrite, on_event=on_event)
+                summary = run_quickstart(out, overwrite=overwrite, on_event=on_event, base=base)
         except (OutputExistsError, TrainingError, ValueError, OSError) as err:
             fail(str(err))
     if as_json:

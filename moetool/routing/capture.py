@@ -103,27 +103,38 @@ def capture_from_llava_json(
     attn_implementation: str | None = None,
 ) -> RoutingCapture:
     """Capture routing of a sparse checkpoint over LLaVA-JSON samples, rendered with the
-    checkpoint's conversation template (from its recipe snapshot, or ``template``)."""
+    checkpoint's conversation template (from its recipe snapshot, or ``template``); a whole
+    VLM's (a base other than LLaVA) with its own processor and chat template, as training
+    encodes them."""
+    from moetool.data.chat import ChatPreprocessor, collate_features
     from moetool.data.llava_json import load_llava_json
     from moetool.data.preprocess import Preprocessor, collate
     from moetool.data.templates import get_template
+    from moetool.models.bases import get_base
     from moetool.models.inference import load_checkpoint
 
     # collate pads itself, on the right
     model, processor = load_checkpoint(checkpoint, attn_implementation=attn_implementation)
-    recipe = (getattr(model.config, "moetool", None) or {}).get("recipe") or {}
-    name = template or (recipe.get("data") or {}).get("template")
-    if not name:
-        raise ValueError(
-            f"{checkpoint}: no recipe snapshot names its conversation template; pass --template"
+    if get_base(model.config.model_type).model_type != "llava":
+        pre, pad = ChatPreprocessor(processor, max_length), collate_features
+    else:
+        recipe = (getattr(model.config, "moetool", None) or {}).get("recipe") or {}
+        name = template or (recipe.get("data") or {}).get("template")
+        if not name:
+            raise ValueError(
+                f"{checkpoint}: no recipe snapshot names its conversation template; pass --template"
+            )
+        image_seq_length = model.config.image_seq_length
+        pre, pad = (
+            Preprocessor(processor, get_template(name), image_seq_length, max_length),
+            collate,
         )
     samples, _ = load_llava_json(list(data), image_folder)
     samples = samples[:limit] if limit else samples
-    pre = Preprocessor(processor, get_template(name), model.config.image_seq_length, max_length)
     encoded = [pre.encode(s) for s in samples]
     batches = []
     for i in range(0, len(encoded), batch_size):
-        batch = collate(encoded[i : i + batch_size], processor.tokenizer.pad_token_id)
+        batch = pad(encoded[i : i + batch_size], processor.tokenizer.pad_token_id)
         batch.pop("labels")
         batches.append(batch)
     return capture_routing(model, batches)

@@ -1,5 +1,7 @@
 """`moetool quickstart` end to end through the real command: it must learn (shared/DESIGN.md
-contract 4), and `moetool predict` must answer with the models it leaves."""
+contract 4), and `moetool predict` must answer with the models it leaves. The whole-VLM
+quickstart (`--base qwen3-vl`) runs on a shortened schedule and a small world (it need not
+learn here; docs/getting-started.md records its full run)."""
 
 import json
 import subprocess
@@ -10,6 +12,18 @@ import pytest
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
+# summary.json's keys (docs/getting-started.md)
+SUMMARY_KEYS = {
+    "seconds",
+    "base",
+    "recipe",
+    "stages",
+    "pope",
+    "params",
+    "routing",
+    "checkpoints",
+    "notes",
+}
 
 
 def moetool(*args: str) -> subprocess.CompletedProcess:
@@ -52,6 +66,7 @@ def test_the_sparse_model_learns_from_the_images(quickstart):
 
 def test_summary_follows_the_contract(quickstart):
     out, summary = quickstart
+    assert set(summary) == SUMMARY_KEYS and summary["base"] == "llava"
     assert summary["seconds"] > 0
     assert set(summary["stages"]) == {"pretrain", "instruct", "moe_tune"}
     for name, stage in summary["stages"].items():
@@ -142,3 +157,65 @@ def test_an_existing_output_is_refused(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_an_unknown_base_is_one_error_listing_the_known(tmp_path):
+    proc = subprocess.run(
+        [str(BIN / "moetool"), "quickstart", "--base", "qwen9", "--out", str(tmp_path / "qs")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "error: --base 'qwen9': unknown base; known: llava, qwen3-vl"
+    assert not (tmp_path / "qs").exists()
+
+
+# Two steps of each stage on a small world: the pipeline of --base qwen3-vl end to end.
+SHORT_RUN = """
+import dataclasses, json, sys
+from moetool.quickstart import SYNTH, run_quickstart
+
+world = dataclasses.replace(SYNTH, stage1=0, stage2=64, stage3=64, eval_images=6)
+overrides = [
+    f"stages.{stage}.{key}={value}"
+    for stage in ("instruct", "moe_tune")
+    for key, value in (("max_steps", 2), ("global_batch_size", 8), ("per_device_batch_size", 8))
+]
+summary = run_quickstart(sys.argv[1], base="qwen3-vl", overrides=overrides, synth=world)
+print(json.dumps(summary))
+"""
+
+
+def test_the_qwen3_vl_quickstart_runs_the_pipeline_on_a_whole_vlm(tmp_path):
+    out = tmp_path / "qs"
+    proc = subprocess.run(
+        [sys.executable, "-c", SHORT_RUN, str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    assert (summary["base"], summary["recipe"]) == ("qwen3-vl", "tiny/quickstart-qwen3-vl")
+    assert set(summary["stages"]) == {"instruct", "moe_tune"}  # a whole VLM has no stage I
+    assert all(s["steps"] == 2 for s in summary["stages"].values())
+    for name in ("dense", "moe", "moe_blind"):
+        assert set(summary["pope"][name]) == {"accuracy", "f1", "yes_ratio", "splits"}
+    params = summary["params"]
+    assert params["dense_total"] < params["moe_activated"] < params["moe_total"]
+    assert params["vision"] > 0 and params["projector"] > 0
+    # The random base it started from, the dense model and the sparse one, in the base's layout
+    # with the base's own chat template.
+    template = (out / "base" / "chat_template.jinja").read_text()
+    for name, model_type in (
+        ("base", "qwen3_vl"),
+        ("dense", "qwen3_vl"),
+        ("moe", "moetool_qwen3_vl"),
+    ):
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["model_type"] == model_type
+        assert config["text_config"]["hidden_size"] == 128
+        assert (out / name / "chat_template.jinja").read_text().strip() == template.strip()
+    assert summary["routing"]["figures"]
+    for figure in summary["routing"]["figures"]:
+        assert (out / figure).stat().st_size > 0
+    assert not list(tmp_path.glob("qs.tmp-*"))
