@@ -201,7 +201,8 @@ def test_every_whole_vlm_recipe_has_a_published_count():
     from moetool.recipe.paths import bundled_recipes
 
     whole = {n for n in bundled_recipes() if load_recipe(ROOT / f"{n}.toml").model.base}
-    assert whole == set(PUBLISHED_BASES)
+    # The quickstart's tiny random base has no published count (tests/test_quickstart_parts.py)
+    assert whole - {"tiny/quickstart-qwen3-vl"} == set(PUBLISHED_BASES)
 
 
 @pytest.mark.parametrize("name", PUBLISHED_BASES)
