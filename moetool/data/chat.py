@@ -114,10 +114,6 @@ class ChatPreprocessor:
     processor: object
     max_length: int
 
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
     def features(self, sample: Sample) -> tuple[dict, list[Span], list[dict]]:
         """The processor's output for the whole conversation (lists of one row), the assistant
         spans moved onto the text it tokenised, and where it put each image's expansion."""
