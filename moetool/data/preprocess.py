@@ -4,6 +4,7 @@ truncation, and batch collation (padded, or packed without padding)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -29,19 +30,30 @@ def expand_to_square(image, fill: tuple[int, int, int]):
     return canvas
 
 
+# decode_image switches PIL's process-wide LOAD_TRUNCATED_IMAGES off while it reads: one read at
+# a time per process (moetool decodes in worker processes, never in threads).
+_STRICT_DECODE = threading.Lock()
+
+
 def decode_image(path):
     """The image at ``path`` fully decoded, in RGB; a ``DataError`` naming it when it is
-    unreadable or over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``: PIL
-    warns above it and raises above twice it; both are errors here)."""
+    unreadable (truncated included, even where a library imported beside moetool switched on
+    PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES``: lmms-eval's task module does) or over PIL's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``: PIL warns above it and raises
+    above twice it; both are errors here)."""
     import warnings
 
-    from PIL import Image
+    from PIL import Image, ImageFile
 
     try:
-        with warnings.catch_warnings():
+        with _STRICT_DECODE, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return img.convert("RGB")
+            lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+            try:
+                with Image.open(path) as img:
+                    return img.convert("RGB")
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(f"image {path} is too large ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for broken files

@@ -94,6 +94,13 @@ def get_base(model_type: str) -> VLMBase:
     return _BASES[name]
 
 
+def is_llava_layout(model_type: str) -> bool:
+    """Whether a dense or sparse ``model_type`` is the LLaVA-1.5 layout moetool assembles
+    (moetool's conversation templates and image shaping); every other base is encoded and
+    prompted with its own processor and chat template."""
+    return get_base(model_type).model_type == "llava"
+
+
 def known_bases() -> list[str]:
     return list(_BASES)
 

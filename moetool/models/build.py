@@ -114,9 +114,9 @@ def checkpoint_aspect_ratio(config: dict) -> str | None:
     stage's in the recipe snapshot, else "pad" (the schema's default, as moetool has always
     treated such checkpoints). None for a checkpoint moetool did not write, or of a base other
     than LLaVA-1.5's layout: its processor is taken as shipped."""
-    from moetool.models.bases import get_base
+    from moetool.models.bases import is_llava_layout
 
-    if get_base(config.get("model_type") or "llava").model_type != "llava":
+    if not is_llava_layout(config.get("model_type") or "llava"):
         return None  # another base shapes images with its own processor, as published
     meta = config.get("moetool")
     if not isinstance(meta, dict):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moetool.data.templates import IMAGE_PLACEHOLDER as IMAGE_TOKEN
-from moetool.models.bases import get_base
+from moetool.models.bases import is_llava_layout
 
 
 def checkpoint_attention(
@@ -105,7 +105,7 @@ def build_prompt(processor, question: str, images: int, model_type: str = "llava
     Other bases (``model_type`` of the dense or sparse model): the base's own chat template
     with one image part per image, as its processor expands them, and the assistant's turn
     opened."""
-    if get_base(model_type).model_type != "llava":
+    if not is_llava_layout(model_type):
         content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
         return processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -136,7 +136,7 @@ def prompt_inputs(processor, questions: Sequence[str], images: Sequence[Sequence
         build_prompt(processor, q, len(ims), model_type)
         for q, ims in zip(questions, images, strict=True)
     ]
-    if get_base(model_type).model_type == "llava":
+    if is_llava_layout(model_type):
         # The processor shapes them as training did (load_checkpoint).
         return processor(images=flat or None, text=prompts, padding=True, return_tensors="pt")
     return processor(

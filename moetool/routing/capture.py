@@ -110,12 +110,12 @@ def capture_from_llava_json(
     from moetool.data.llava_json import load_llava_json
     from moetool.data.preprocess import Preprocessor, collate
     from moetool.data.templates import get_template
-    from moetool.models.bases import get_base
+    from moetool.models.bases import is_llava_layout
     from moetool.models.inference import load_checkpoint
 
     # collate pads itself, on the right
     model, processor = load_checkpoint(checkpoint, attn_implementation=attn_implementation)
-    if get_base(model.config.model_type).model_type != "llava":
+    if not is_llava_layout(model.config.model_type):
         pre, pad = ChatPreprocessor(processor, max_length), collate_features
     else:
         recipe = (getattr(model.config, "moetool", None) or {}).get("recipe") or {}

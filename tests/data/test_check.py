@@ -400,3 +400,17 @@ def test_one_pass_labels_equal_the_plain_rule(world):
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     assert label_tokens(ids, offsets, spans) == labels_reference(ids, offsets, spans)
     assert sum(label != -100 for label in label_tokens(ids, offsets, spans)) > 2
+
+
+def test_a_truncated_image_stays_an_error_whatever_a_library_switched_on(world, monkeypatch):
+    """lmms-eval's task module sets PIL's process-wide LOAD_TRUNCATED_IMAGES on import: a
+    process that imported it (an eval, a test worker) must still refuse a truncated image, and
+    keep the library's setting for its own reads."""
+    from PIL import ImageFile
+
+    root, _, _ = world
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(DataError, match="is unreadable"):
+        decode_image(root / "cut.jpg")
+    assert "is unreadable" in check_image(root / "cut.jpg")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True

@@ -12,8 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moetool.recipe.paths import recipes_root
-
 pytestmark = pytest.mark.integration
 SCRIPT = str(Path(sys.executable).parent / "moetool")
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -56,17 +54,12 @@ def losses(run: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, colour_world):
-    """The colour world, the tiny llama recipe, and its stages I and II (the dense start)."""
-    root = tmp_path_factory.mktemp("lora")
-    colour_world(root)
-    text = (
-        (recipes_root() / "tiny/llama.toml")
-        .read_text()
-        .replace('extends = "_base.toml"', f'extends = "{recipes_root() / "tiny/_base.toml"}"')
-    )
-    (root / "recipe.toml").write_text(text)
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=2", cwd=root)
+def dense_run(tmp_path_factory, stage_one_checkpoint):
+    """The colour world, the tiny llama recipe, its stage I (the session's) and stage II: the
+    dense start."""
+    root = tmp_path_factory.mktemp("lora") / "world"
+    world = stage_one_checkpoint.parents[1]
+    shutil.copytree(world, root, ignore=shutil.ignore_patterns("pretrain-state"))
     cli("instruct", "recipe.toml", "--out", "run", cwd=root)
     return root
 

@@ -55,9 +55,8 @@ def losses(run: Path, stage: str) -> list[float]:
     return [json.loads(r)["loss"] for r in rows]
 
 
-def test_packed_stages_equal_the_padded_ones(workdir):
+def test_packed_stages_equal_the_padded_ones(workdir, pretrained):
     add_text_only_samples(workdir)
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=2")
     for stage, init in (("instruct", "run/pretrain"), ("moe_tune", "run/instruct")):
         steps = ["--set", f"stages.{stage}.max_steps=4"]
         command = stage.replace("_", "-")

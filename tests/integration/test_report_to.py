@@ -28,10 +28,9 @@ def metrics(path):
     return [json.loads(line) for line in open(path)]
 
 
-def test_tensorboard_events_hold_one_value_per_step_across_a_resume(workdir):
+def test_tensorboard_events_hold_one_value_per_step_across_a_resume(workdir, pretrained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
     overrides = [
         "stages.instruct.max_steps=5",
         "stages.instruct.save_steps=2",
@@ -56,11 +55,10 @@ def test_tensorboard_events_hold_one_value_per_step_across_a_resume(workdir):
     assert {"train/lm_loss", "train/lr", "train/tokens_per_s"} <= set(events.Tags()["scalars"])
 
 
-def test_wandb_offline_run_holds_every_step_and_needs_no_network(workdir):
+def test_wandb_offline_run_holds_every_step_and_needs_no_network(workdir, pretrained):
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal import datastore
 
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
     cli(
         "moe-tune",
         "recipe.toml",

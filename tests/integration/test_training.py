@@ -111,9 +111,7 @@ def test_three_stages_train_the_right_parameters(workdir, library_chatter):
     )
 
 
-def test_resume_reaches_the_same_parameters_and_curve(workdir):
-    common = ["--set", "stages.pretrain.max_steps=2"]
-    cli("pretrain", "recipe.toml", "--out", "run", *common)
+def test_resume_reaches_the_same_parameters_and_curve(workdir, pretrained):
     args = [
         "recipe.toml",
         "--set",
@@ -166,14 +164,13 @@ def test_resume_reaches_the_same_parameters_and_curve(workdir):
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2", "step-4"]
 
 
-def test_kill_9_at_a_random_step_then_resume_gives_the_same_run(workdir):
+def test_kill_9_at_a_random_step_then_resume_gives_the_same_run(workdir, pretrained):
     """SIGKILL lands wherever it lands (mid-step or mid-checkpoint): --resume still reaches the
     uninterrupted run's weights and losses, with one metrics row per step."""
     import random
     import signal
     import time
 
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
     args = [
         "instruct",
         "recipe.toml",
@@ -206,10 +203,9 @@ def test_kill_9_at_a_random_step_then_resume_gives_the_same_run(workdir):
     assert [r["loss"] for r in rows] == [r["loss"] for r in full]
 
 
-def test_overwrite_then_resume_never_continues_the_old_run(workdir):
+def test_overwrite_then_resume_never_continues_the_old_run(workdir, pretrained):
     """A finished run; --overwrite with another lr, killed after one step; then --resume
     --overwrite: it must not load the first run's checkpoints (it starts the new run again)."""
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=2")
     first = ["--set", "stages.instruct.max_steps=4", "--set", "stages.instruct.save_steps=2"]
     cli("instruct", "recipe.toml", *first, "--out", "run")
     second = [*first, "--set", "stages.instruct.lr=1e-4", "--set", "stages.instruct.seed=7"]
@@ -229,8 +225,7 @@ def test_overwrite_then_resume_never_continues_the_old_run(workdir):
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
 
 
-def test_overwrite_refuses_an_output_that_holds_an_input(workdir):
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
+def test_overwrite_refuses_an_output_that_holds_an_input(workdir, pretrained):
     # Stage instruct would write run/instruct/ while reading its --init from inside it.
     proc = cli(
         "instruct",
@@ -284,7 +279,7 @@ def test_bad_data_stops_with_file_and_sample(workdir):
     assert json.loads(ok.stdout)["steps"] == 1
 
 
-def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
+def test_two_process_gloo_run_with_zero2_and_zero3(workdir, pretrained):
     """bf16 stages under ZeRO-2 and ZeRO-3 (ZeRO-3 loads partitioned and gathers the weights
     through DeepSpeed's public GatheredParameters): both final checkpoints hold every key, full
     shapes, in the one documented dtype, the stage's precision (ZeRO-2 used to save fp32 and
@@ -295,7 +290,6 @@ def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout)  # only rank 0 reports
 
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=2")
     two = launch(
         "instruct",
         "recipe.toml",
@@ -337,8 +331,7 @@ def test_two_process_gloo_run_with_zero2_and_zero3(workdir):
         )
 
 
-def test_non_finite_loss_stops_the_stage_keeping_the_last_good_checkpoint(workdir):
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
+def test_non_finite_loss_stops_the_stage_keeping_the_last_good_checkpoint(workdir, pretrained):
     proc = cli(
         "instruct",
         "recipe.toml",
@@ -393,8 +386,7 @@ main()
 """
 
 
-def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(workdir):
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
+def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(workdir, pretrained):
     (workdir / "nan_on_rank_1.py").write_text(NAN_ON_RANK_1)
     proc = torchrun(
         "nan_on_rank_1.py",
@@ -418,11 +410,10 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(workdi
     assert not (workdir / "run/instruct").exists()
 
 
-def test_bad_samples_met_mid_run_are_skipped_and_counted_or_stop_the_stage(workdir):
+def test_bad_samples_met_mid_run_are_skipped_and_counted_or_stop_the_stage(workdir, pretrained):
     """A truncated image (it exists, so parsing passes) and an answer cut off by max_length are
     found only when a worker encodes them: with the switch they are skipped and counted, without
     it the stage stops naming the sample."""
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
     data = json.loads((workdir / "data/stage2.json").read_text())
     png = (workdir / "data/img/5.png").read_bytes()
     (workdir / "data/img/truncated.png").write_bytes(png[: len(png) // 3])
@@ -474,11 +465,10 @@ main()
 """
 
 
-def test_full_disk_at_the_final_save_keeps_the_trained_state_for_resume(workdir):
+def test_full_disk_at_the_final_save_keeps_the_trained_state_for_resume(workdir, pretrained):
     """With the default save_steps = 0 a failed final write used to lose the whole stage: now
     every rank stops with one error line, nothing half-written stays, the trained state is kept
     as a checkpoint and --resume writes from it exactly the weights the failed save held."""
-    cli("pretrain", "recipe.toml", "--out", "run", "--set", "stages.pretrain.max_steps=1")
     (workdir / "full_disk.py").write_text(FULL_DISK_AT_FINAL_SAVE)
     args = ["instruct", "recipe.toml", "--out", "run", "--set", "stages.instruct.max_steps=3"]
     lost = str(workdir / "lost.safetensors")
