@@ -70,24 +70,6 @@ def test_the_set_up_commands_install_from_the_lock():
     assert " -c constraints.txt -e '.[dev]'" in (REPO / ".ci/run").read_text()
 
 
-def test_the_test_command_needs_only_plugins_the_dev_extra_installs():
-    """The README's test command runs on pytest-xdist workers: a fresh venv gets the plugin
-    from the `dev` extra (a venv with it installed by hand hid its absence once)."""
-    from packaging.requirements import Requirement
-
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    dev = {Requirement(r).name for r in project["optional-dependencies"]["dev"]}
-    for text in ((REPO / "README.md").read_text(), (REPO / ".ci/run").read_text()):
-        (command,) = [
-            line
-            for line in text.splitlines()
-            if line.startswith("python3 -m venv") and "pytest" in line
-        ]
-        pytest_args = command.split("python -m pytest", 1)[1].split("&&")[0].split()
-        if {"-n", "--dist"} & set(pytest_args):
-            assert "pytest-xdist" in dev, "the test command uses -n: pytest-xdist in `dev`"
-
-
 def test_the_vllm_plugin_is_an_entry_point_that_needs_no_vllm_to_import():
     """vLLM runs every ``vllm.general_plugins`` entry point in each of its processes; moetool's
     must exist, and importing it must not need vLLM (which is not a dependency)."""

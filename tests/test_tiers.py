@@ -57,11 +57,30 @@ def test_every_test_under_tests_integration_is_in_the_integration_tier():
     assert int(re.search(r"(\d+) deselected", proc.stdout)[1]) > 0
 
 
-def test_the_readme_and_ci_test_commands_run_both_tiers(tmp_path):
+def readme_and_ci_test_commands() -> list[str]:
+    """The README's test command (its second set-up command) and `.ci/run`'s."""
     readme = (ROOT / "README.md").read_text()
     commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv")]
     commands = [line for line in commands if "pytest" in line]  # the test command, not the first
     commands += [line for line in (ROOT / ".ci/run").read_text().splitlines() if "pytest" in line]
     assert len(commands) == 2
-    for command in commands:
+    return commands
+
+
+def test_the_readme_and_ci_test_commands_run_both_tiers(tmp_path):
+    for command in readme_and_ci_test_commands():
         assert sorted(selected(tmp_path, *pytest_args(command))) == ["test_fast", "test_slow"]
+
+
+def test_the_test_command_needs_only_plugins_the_dev_extra_installs():
+    """The test command runs on pytest-xdist workers: a fresh venv gets the plugin from the
+    `dev` extra (a venv with it installed by hand hid its absence once)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dev = {Requirement(r).name for r in project["optional-dependencies"]["dev"]}
+    for command in readme_and_ci_test_commands():
+        if {"-n", "--dist"} & set(pytest_args(command)):
+            assert "pytest-xdist" in dev, "the test command uses -n: pytest-xdist in `dev`"
